@@ -1,0 +1,1 @@
+"""Built-in attacks, installed as ``fedsec_bench.attacks`` and registered as entry points."""

@@ -1,0 +1,1 @@
+"""Built-in defenses, installed as ``fedsec_bench.defenses`` and registered as entry points."""

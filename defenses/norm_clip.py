@@ -1,0 +1,38 @@
+"""``norm_clip``: each client clips its update to an L2 norm before sending it.
+
+This is the client-side half of norm bounding (Sun et al. 2019, "Can you really
+backdoor federated learning?") and of DP-FedAvg's clipping; alone it gives no formal
+privacy, but bounds how far any one client can move the model.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from fedsec_bench.messages import ClientContext, State
+from fedsec_bench.plugins import Options, Plugin
+from fedsec_bench.updates import l2_norm
+
+
+class NormClipOptions(Options):
+    max_norm: float = Field(1.0, gt=0, description="L2 bound on each client's whole update.")
+
+
+class NormClip(Plugin):
+    name = "norm_clip"
+    kind = "defense"
+    summary = "clip each client's update to L2 norm max_norm (client side)"
+    OptionsModel = NormClipOptions
+
+    def client_update(self, client: ClientContext, update: State) -> State:
+        norm = l2_norm(update)
+        client.metrics["norm_clip.pre_clip_norm"] = norm
+        scale = min(1.0, self.options.max_norm / (norm + 1e-12))
+        return {name: t * scale for name, t in update.items()}
+
+    def round_end(self, round, metrics):
+        norms = [r.metrics["norm_clip.pre_clip_norm"] for r in round.reports]
+        if not norms:
+            return None
+        clipped = sum(n > self.options.max_norm for n in norms)
+        return {"norm_clip.clipped_fraction": clipped / len(norms), "norm_clip.max_pre_clip_norm": max(norms)}

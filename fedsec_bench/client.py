@@ -1,0 +1,72 @@
+"""One client's part of a round: its data, local training, its update, and what it sends."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import cycle, islice
+
+import torch
+from torch.utils.data import DataLoader
+
+from .messages import ClientContext, ClientReport, Message, State
+from .plugins import HookChain
+
+
+@dataclass
+class LocalTraining:
+    """The local optimisation a client runs; a defense may swap any part (Opacus wraps all three)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: DataLoader
+    steps: int
+    device: torch.device
+
+    def run(self) -> float:
+        """Take ``steps`` optimizer steps, cycling over the loader; return the mean training loss."""
+        self.model.train()
+        total = torch.zeros((), device=self.device)
+        for batch in islice(cycle(self.loader), self.steps):
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            loss = self.model(**batch).loss
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            total += loss.detach()
+        return (total / self.steps).item()
+
+
+def make_optimizer(params: list[torch.nn.Parameter], federation) -> torch.optim.Optimizer:
+    if federation.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=federation.lr, momentum=federation.momentum, weight_decay=federation.weight_decay
+        )
+    return torch.optim.AdamW(params, lr=federation.lr, weight_decay=federation.weight_decay)
+
+
+def local_steps(federation, num_examples: int) -> int:
+    if federation.local_epochs is not None:
+        return federation.local_epochs * -(-num_examples // federation.batch_size)
+    return federation.local_steps
+
+
+def client_round(client: ClientContext, global_state: State, hooks: HookChain) -> tuple[Message, ClientReport]:
+    """Train from the global state on the client's data and return what it sends (and our notes)."""
+    rt = client.runtime
+    fed = rt.scenario.federation
+    texts = hooks.client_data(client, rt.data.client_texts(client.client_id))
+    torch.manual_seed(client.seed)  # dropout and any other randomness in local training
+    rt.trainable.load(global_state)
+    steps = local_steps(fed, len(texts))
+    training = LocalTraining(
+        model=rt.model,
+        optimizer=make_optimizer(list(rt.trainable.params.values()), fed),
+        loader=rt.batcher.loader(texts, seed=client.seed),
+        steps=steps,
+        device=rt.device,
+    )
+    train_loss = hooks.local_training(client, training).run()
+    update = hooks.client_update(client, rt.trainable.delta_from(global_state))
+    message = hooks.transport(client, Message.plain(client.client_id, len(texts), update))
+    report = ClientReport(client.client_id, len(texts), train_loss, steps, dict(client.metrics))
+    return message, report

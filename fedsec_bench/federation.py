@@ -1,0 +1,62 @@
+"""The federated round loop. Each line is one step of the protocol in DESIGN.md."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .evaluation import evaluate
+from .messages import Message, RoundContext
+from .plugins import HookChain
+from .runtime import Runtime
+
+
+class Federation:
+    def __init__(self, runtime: Runtime, hooks: HookChain, executor):
+        self.rt = runtime
+        self.hooks = hooks
+        self.executor = executor
+        self.config = runtime.scenario.federation
+
+    def run_round(self, rnd: int) -> dict[str, float]:
+        started = time.perf_counter()
+        round = RoundContext(rnd, self.rt, self.sample_clients(rnd), self.rt.trainable.snapshot())
+        messages, round.reports = _unzip(self.executor.run_clients(round))
+        metrics = self.hooks.server_observation(round, messages)
+        aggregate = self.hooks.aggregation(round, messages)
+        aggregate = self.hooks.post_aggregation(round, aggregate)
+        self.rt.trainable.step(round.global_state, aggregate, scale=self.config.server_lr)
+        metrics |= self.round_figures(round, messages, started)
+        if rnd % self.config.eval_every == 0 or rnd == self.config.rounds:
+            metrics |= self.evaluate()
+        metrics |= self.hooks.round_end(round, metrics)
+        return metrics
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate(self.rt.model, self.rt.eval_loader, self.rt.device)
+
+    def sample_clients(self, rnd: int) -> list[int]:
+        """uniform: clients_per_round without replacement; poisson: each client with q = k / n."""
+        rng = np.random.default_rng(self.rt.seed_for(rnd))
+        n, k = self.config.num_clients, self.config.clients_per_round
+        if self.config.sampling == "poisson":
+            return np.flatnonzero(rng.random(n) < k / n).tolist()
+        return np.sort(rng.choice(n, size=k, replace=False)).tolist()
+
+    def round_figures(self, round: RoundContext, messages: list[Message], started: float) -> dict[str, float]:
+        sent = [m.num_bytes for m in messages]
+        state_bytes = sum(t.numel() * t.element_size() for t in round.global_state.values())
+        losses = [r.train_loss for r in round.reports]
+        return {
+            "train.loss": float(np.mean(losses)) if losses else float("nan"),
+            "round.clients": float(len(messages)),
+            "cost.bytes_up": float(np.mean(sent)) if sent else 0.0,
+            "cost.bytes_up_total": float(sum(sent)),
+            "cost.bytes_down": float(state_bytes),
+            "cost.round_seconds": time.perf_counter() - started,
+        }
+
+
+def _unzip(pairs):
+    return [m for m, _ in pairs], [r for _, r in pairs]

@@ -1,0 +1,74 @@
+"""What travels in a round and what each party knows, as plain data.
+
+The split follows the threat model in DESIGN.md: a :class:`Message` is exactly what
+a client puts on the wire (the server and any server-side observer see this and
+nothing else), while a :class:`ClientReport` is the simulator's own bookkeeping
+(training loss, per-client privacy spend) that no party of the protocol sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+State = dict[str, torch.Tensor]
+"""Trainable parameters (or an update of them) by parameter name."""
+
+
+@dataclass
+class ClientContext:
+    """One client in one round, as seen by client-side hooks."""
+
+    client_id: int
+    round: int
+    seed: int
+    runtime: Runtime
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Client-side hooks may record figures here; they reach round_end through the report."""
+
+
+@dataclass
+class Message:
+    """What one client sends to the server.
+
+    ``payload`` is a plain :data:`State` unless a transport defense replaced it
+    (ciphertexts, masked vectors...). ``num_bytes`` is what it would cost on the
+    wire and feeds ``cost.bytes_up``.
+    """
+
+    client_id: int
+    num_examples: int
+    payload: Any
+    num_bytes: int
+
+    @classmethod
+    def plain(cls, client_id: int, num_examples: int, update: State) -> Message:
+        size = sum(t.numel() * t.element_size() for t in update.values())
+        return cls(client_id, num_examples, update, size)
+
+
+@dataclass
+class ClientReport:
+    """Simulator-side facts about one client's round; never shown to protocol parties."""
+
+    client_id: int
+    num_examples: int
+    train_loss: float
+    local_steps: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RoundContext:
+    """One round as seen by server-side hooks and by round_end."""
+
+    round: int
+    runtime: Runtime
+    sampled: list[int]
+    global_state: State
+    reports: list[ClientReport] = field(default_factory=list)

@@ -1,0 +1,245 @@
+"""Attacks and defenses as plugins, found by name, called at the round's hook points.
+
+A plugin is a subclass of :class:`Plugin` that overrides the hooks it needs. Plugins
+are registered through the ``fedsec_bench.plugins`` entry-point group, the built-in
+ones included, so a third party ships an attack or defense in its own package::
+
+    [project.entry-points."fedsec_bench.plugins"]
+    my_attack = "my_pkg.attack:MyAttack"
+
+Hook order within a hook point: attacks first, then defenses, each in scenario order,
+then the aggregation rule (``federation.aggregator``, FedAvg by default). That is the
+threat model's order on the client (a malicious client poisons its data or update
+before the client-side defense clips or encrypts it), lets server-side observers see
+the output of every transport defense, and lets a defense that changes what is sent
+(encryption, masking) aggregate it before the plain-tensor rule is reached.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .errors import ScenarioError
+from .messages import ClientContext, Message, RoundContext, State
+
+if TYPE_CHECKING:
+    from .client import LocalTraining
+    from .runtime import Runtime
+    from .scenario import PluginSpec, Scenario
+
+ENTRY_POINT_GROUP = "fedsec_bench.plugins"
+MODES = frozenset({"full", "lora", "prompt"})
+
+HOOKS = (
+    "client_data",
+    "local_training",
+    "client_update",
+    "transport",
+    "server_observation",
+    "aggregation",
+    "post_aggregation",
+    "round_end",
+    "training_end",
+)
+
+
+class Options(BaseModel):
+    """Base for a plugin's options; unknown keys are errors like everywhere else."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Plugin:
+    """An attack, defense or aggregation rule. Override any hooks; the defaults pass data through."""
+
+    name: ClassVar[str]
+    kind: ClassVar[Literal["attack", "defense", "aggregator"]]
+    summary: ClassVar[str] = ""
+    modes: ClassVar[frozenset[str]] = MODES
+    OptionsModel: ClassVar[type[Options]] = Options
+
+    def __init__(self, options: Options, runtime: Runtime):
+        self.options = options
+        self.runtime = runtime
+
+    @classmethod
+    def check(cls, options: Options, scenario: Scenario) -> None:
+        """Refuse, at load time, combinations that cannot work (raise ValueError with the reason)."""
+
+    # --- client side -------------------------------------------------------------
+    def client_data(self, client: ClientContext, texts: list[str]) -> list[str]:
+        return texts
+
+    def local_training(self, client: ClientContext, training: LocalTraining) -> LocalTraining:
+        return training
+
+    def client_update(self, client: ClientContext, update: State) -> State:
+        return update
+
+    def transport(self, client: ClientContext, message: Message) -> Message:
+        return message
+
+    # --- server side -------------------------------------------------------------
+    def server_observation(self, round: RoundContext, messages: list[Message]) -> dict[str, float] | None:
+        """Observe exactly what the server received. Return figures to log, or None."""
+
+    def aggregation(self, round: RoundContext, messages: list[Message]) -> State | None:
+        """Return the aggregate update to replace FedAvg, or None to leave it to the next plugin."""
+
+    def post_aggregation(self, round: RoundContext, aggregate: State) -> State:
+        return aggregate
+
+    def round_end(self, round: RoundContext, metrics: dict[str, float]) -> dict[str, float] | None:
+        """Figures to log for this round, given the round's metrics so far."""
+
+    def training_end(self, runtime: Runtime) -> dict[str, float] | None:
+        """Figures to log once, on the final global model."""
+
+    @classmethod
+    def hooks(cls) -> list[str]:
+        return [h for h in HOOKS if getattr(cls, h) is not getattr(Plugin, h)]
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@functools.cache
+def registry() -> dict[str, type[Plugin]]:
+    """All plugins by name, loaded from the entry-point group once per process."""
+    found: dict[str, type[Plugin]] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        cls = ep.load()
+        if not (isinstance(cls, type) and issubclass(cls, Plugin)):
+            raise TypeError(f"entry point {ep.name} = {ep.value} is not a fedsec_bench Plugin subclass")
+        if cls.name != ep.name:
+            raise TypeError(f"entry point {ep.name} points to a plugin named {cls.name!r}")
+        found[ep.name] = cls
+    return found
+
+
+def get_plugin(name: str, kind: str) -> type[Plugin]:
+    cls = registry().get(name)
+    if cls is None or cls.kind != kind:
+        known = sorted(n for n, c in registry().items() if c.kind == kind)
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"known {kind}s: {', '.join(known) or 'none'}"
+        raise ValueError(f"unknown {kind} '{name}' ({hint})")
+    return cls
+
+
+def parse_options(spec: PluginSpec, kind: str, where: str) -> tuple[type[Plugin], Options]:
+    """Look up a scenario entry's plugin and validate its options; errors name the field path."""
+    from .scenario import _suggest  # one did-you-mean for the whole schema
+
+    try:
+        cls = get_plugin(spec.name, kind)
+    except ValueError as exc:
+        raise ScenarioError(f"{where}.name: {exc}") from None
+    raw: dict[str, Any] = dict(spec.model_extra or {})
+    try:
+        return cls, cls.OptionsModel.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            path = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                fields = list(cls.OptionsModel.model_fields)
+                problems.append(f"{where}.{path}: unknown option of {cls.name}{_suggest(err['loc'][-1], fields)}")
+            else:
+                problems.append(f"{where}.{path}: {err['msg'].removeprefix('Value error, ')}")
+        raise ScenarioError(problems) from None
+
+
+def configured_plugins(scenario: Scenario) -> list[tuple[str, type[Plugin], Options]]:
+    """(field path, class, options) for every attack, every defense, then the aggregator: the hook order."""
+    out = []
+    for section in ("attacks", "defenses"):
+        for i, spec in enumerate(getattr(scenario, section)):
+            where = f"{section}[{i}]"
+            out.append((where, *parse_options(spec, section[:-1], where)))
+    where = "federation.aggregator"
+    out.append((where, *parse_options(scenario.federation.aggregator, "aggregator", where)))
+    return out
+
+
+def check_plugins(scenario: Scenario) -> None:
+    """Load-time checks: known names, valid options, supported mode, no impossible combination."""
+    problems: list[str] = []
+    aggregators = []
+    for where, cls, options in configured_plugins(scenario):
+        if scenario.tuning.mode not in cls.modes:
+            problems.append(
+                f"{where} ({cls.name}): does not support tuning.mode={scenario.tuning.mode}; "
+                f"it supports {', '.join(sorted(cls.modes))}"
+            )
+        try:
+            cls.check(options, scenario)
+        except ValueError as exc:
+            problems.append(f"{where} ({cls.name}): {exc}")
+        if "aggregation" in cls.hooks() and cls.kind != "aggregator":
+            aggregators.append(f"{where} ({cls.name})")
+    if len(aggregators) > 1:
+        problems.append(f"only one defense may take over aggregation, got {', '.join(aggregators)}")
+    if problems:
+        raise ScenarioError(problems)
+
+
+class HookChain:
+    """Calls one hook point on every plugin in order; the round loop's only view of plugins."""
+
+    def __init__(self, plugins: list[Plugin]):
+        self.plugins = plugins
+
+    def client_data(self, client: ClientContext, texts: list[str]) -> list[str]:
+        for p in self.plugins:
+            texts = p.client_data(client, texts)
+        return texts
+
+    def local_training(self, client: ClientContext, training: LocalTraining) -> LocalTraining:
+        for p in self.plugins:
+            training = p.local_training(client, training)
+        return training
+
+    def client_update(self, client: ClientContext, update: State) -> State:
+        for p in self.plugins:
+            update = p.client_update(client, update)
+        return update
+
+    def transport(self, client: ClientContext, message: Message) -> Message:
+        for p in self.plugins:
+            message = p.transport(client, message)
+        return message
+
+    def server_observation(self, round: RoundContext, messages: list[Message]) -> dict[str, float]:
+        return _merge(p.server_observation(round, messages) for p in self.plugins)
+
+    def aggregation(self, round: RoundContext, messages: list[Message]) -> State:
+        """The first plugin that aggregates wins; the aggregator, always last, always does."""
+        for p in self.plugins:
+            aggregate = p.aggregation(round, messages)
+            if aggregate is not None:
+                return aggregate
+        raise RuntimeError("no plugin aggregated the round; federation.aggregator must return an aggregate")
+
+    def post_aggregation(self, round: RoundContext, aggregate: State) -> State:
+        for p in self.plugins:
+            aggregate = p.post_aggregation(round, aggregate)
+        return aggregate
+
+    def round_end(self, round: RoundContext, metrics: dict[str, float]) -> dict[str, float]:
+        return _merge(p.round_end(round, metrics) for p in self.plugins)
+
+    def training_end(self, runtime: Runtime) -> dict[str, float]:
+        return _merge(p.training_end(runtime) for p in self.plugins)
+
+
+def _merge(parts) -> dict[str, float]:
+    merged: dict[str, float] = {}
+    for part in parts:
+        merged.update(part or {})
+    return merged

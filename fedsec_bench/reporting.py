@@ -1,0 +1,51 @@
+"""Turn a run's metric history into the artifacts people read: a CSV, a PNG of the curves, a table."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+
+def history_frame(history: list[dict[str, float]]) -> pd.DataFrame:
+    """One row per round (round 0 is the model before training), one column per metric."""
+    return pd.DataFrame(history).set_index("round").sort_index()
+
+
+def plot_curves(frame: pd.DataFrame, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = [c for c in frame.columns if frame[c].notna().sum() > 1]
+    if not columns:
+        return
+    cols = min(3, len(columns))
+    rows = math.ceil(len(columns) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, columns):
+        series = frame[name].dropna()
+        ax.plot(series.index, series.values, marker="o", markersize=3)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("round", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(columns) :]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def final_metrics(frame: pd.DataFrame) -> dict[str, float]:
+    """The last value each metric took (a metric evaluated every k rounds keeps its latest)."""
+    return {name: float(frame[name].dropna().iloc[-1]) for name in frame.columns if frame[name].notna().any()}
+
+
+def summary_table(final: dict[str, float]) -> str:
+    width = max((len(k) for k in final), default=6)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------------"]
+    lines += [f"{name:<{width}}  {value:.6g}" for name, value in sorted(final.items())]
+    return "\n".join(lines)

@@ -1,0 +1,55 @@
+"""Everything a run builds once from its scenario and hands to the round loop and the plugins."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import FederatedData
+from .data.batching import Batcher
+from .errors import ScenarioError
+from .models import make_model, make_tokenizer
+from .scenario import Scenario
+from .tuning import TrainableState, apply_tuning
+
+
+@dataclass
+class Runtime:
+    scenario: Scenario
+    device: torch.device
+    data: FederatedData
+    tokenizer: object
+    model: torch.nn.Module
+    """The model being trained: the bare model (full) or its PEFT wrapper (lora, prompt)."""
+    trainable: TrainableState
+    batcher: Batcher
+    eval_loader: object
+    """Batches of the held-out split, for utility figures."""
+    artifact_dir: Path
+    """Plugins write tables and plots here; the folder is logged to MLflow at the end."""
+
+    def seed_for(self, *keys: int) -> int:
+        """A seed for (round, client, ...) that depends only on the scenario seed and the keys."""
+        return int(np.random.SeedSequence([self.scenario.seed, *keys]).generate_state(1)[0])
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ScenarioError("device: cuda was asked for but torch.cuda.is_available() is False; use auto or cpu")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def build_runtime(scenario: Scenario, data: FederatedData, device: torch.device, artifact_dir: Path) -> Runtime:
+    """Build the tokenizer and model; data and device are resolved first, before any run is recorded."""
+    tokenizer = make_tokenizer(scenario.model, data.heldout)
+    model = apply_tuning(make_model(scenario.model, tokenizer, scenario.seed), scenario.tuning).to(device)
+    batcher = Batcher(tokenizer, scenario.data.seq_len, scenario.federation.batch_size)
+    return Runtime(
+        scenario, device, data, tokenizer, model, TrainableState(model), batcher,
+        eval_loader=batcher.loader(data.heldout), artifact_dir=artifact_dir,
+    )

@@ -1,0 +1,315 @@
+"""The scenario schema: one YAML file that says what to train, on what, and what attacks and defends it.
+
+Every section is a pydantic model with ``extra="forbid"`` so that a typo is an error
+(with a did-you-mean), never a silently ignored key. :func:`load_scenario` is the one
+way in: it reads YAML with the safe loader, applies ``--set`` overrides, validates,
+and turns every problem into a :class:`~fedsec_bench.errors.ScenarioError` whose lines
+name the field path.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ScenarioError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TokenizerConfig(Section):
+    kind: Literal["auto", "model", "bpe", "byte"] = Field(
+        "auto",
+        description="auto: the model's own when loading a saved model, else bpe. "
+        "bpe: trained on the held-out split with `tokenizers`. byte: 256 byte symbols.",
+    )
+    vocab_size: int = Field(1024, ge=260, description="Target vocabulary size for kind=bpe.")
+
+
+class ModelConfig(Section):
+    name_or_path: str | None = Field(
+        None, description="Hugging Face model name or local directory, loaded with from_pretrained."
+    )
+    arch: Literal["gpt2", "llama"] | None = Field(None, description="Build a fresh model of this architecture.")
+    layers: int = Field(2, ge=1)
+    hidden: int = Field(64, ge=8)
+    heads: int = Field(4, ge=1)
+    kv_heads: int | None = Field(None, ge=1, description="llama only; defaults to heads.")
+    intermediate: int | None = Field(None, ge=8, description="llama MLP width; defaults to 4*hidden.")
+    vocab: int | None = Field(None, ge=8, description="Defaults to the tokenizer's vocabulary size.")
+    max_positions: int = Field(256, ge=8)
+    tokenizer: TokenizerConfig = TokenizerConfig()
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.name_or_path is None) == (self.arch is None):
+            raise ValueError("set exactly one of model.name_or_path (load) or model.arch (build from config)")
+        if self.arch is not None and self.hidden % self.heads:
+            raise ValueError(f"model.hidden ({self.hidden}) must be divisible by model.heads ({self.heads})")
+        if self.arch is not None and self.tokenizer.kind == "model":
+            raise ValueError("model.tokenizer.kind=model needs model.name_or_path; use bpe or byte with model.arch")
+        return self
+
+
+class LoraConfig(Section):
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = Field(None, description="None: PEFT's default for the architecture.")
+
+
+class PromptConfig(Section):
+    num_virtual_tokens: int = Field(8, ge=1)
+
+
+class TuningConfig(Section):
+    mode: Literal["full", "lora", "prompt"] = "lora"
+    lora: LoraConfig = LoraConfig()
+    prompt: PromptConfig = PromptConfig()
+
+
+class CanaryConfig(Section):
+    count: int = Field(8, ge=0, description="Number of distinct planted secrets.")
+    repetitions: list[int] = Field([1, 4], min_length=1, description="Cycled over canaries: how often each is inserted.")
+    kinds: list[Literal["card", "phone", "email", "name"]] = Field(["card", "phone", "email", "name"], min_length=1)
+    clients: Annotated[list[int], Field(min_length=1)] | Literal["random"] = Field(
+        "random", description="Which clients hold canaries (cycled), or one random client per canary."
+    )
+
+
+class PartitionConfig(Section):
+    method: Literal["iid", "dirichlet", "quantity_skew"] = "iid"
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more skewed).")
+    min_examples: int = Field(2, ge=1, description="Every client gets at least this many examples.")
+
+
+class DataConfig(Section):
+    source: Literal["synthetic", "files", "datasets"] = "synthetic"
+    path: str | list[str] | None = Field(
+        None, description="files: txt/jsonl/csv/parquet path(s). datasets: a dataset name or builder (json, csv...)."
+    )
+    data_files: str | list[str] | None = Field(None, description="datasets only: passed to load_dataset.")
+    split: str = Field("train", description="datasets only.")
+    text_field: str = "text"
+    label_field: str = Field("topic", description="Used by dirichlet partitioning.")
+    examples_per_client: int = Field(32, ge=1, description="synthetic only: mean examples per client.")
+    topics: int = Field(8, ge=1, description="synthetic only: number of topics.")
+    heldout_examples: int = Field(64, ge=2, description="Held-out (non-member) examples for eval and attacks.")
+    seq_len: int = Field(64, ge=4)
+    canaries: CanaryConfig = CanaryConfig()
+    partition: PartitionConfig = PartitionConfig()
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> DataConfig:
+        if self.source != "synthetic" and not self.path:
+            raise ValueError(f"data.path is required with data.source={self.source}")
+        if self.source == "synthetic" and self.path:
+            raise ValueError("data.path is only read with data.source=files or datasets")
+        return self
+
+
+class PluginSpec(BaseModel):
+    """One attack, defense or aggregation rule: its registered ``name`` plus that plugin's own options."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+
+class FederationConfig(Section):
+    num_clients: int = Field(4, ge=1)
+    clients_per_round: int = Field(2, ge=1)
+    rounds: int = Field(3, ge=1)
+    sampling: Literal["uniform", "poisson"] = Field(
+        "uniform",
+        description="uniform: exactly clients_per_round without replacement. "
+        "poisson: each client independently with q = clients_per_round / num_clients.",
+    )
+    local_steps: int | None = Field(10, ge=1)
+    local_epochs: int | None = Field(None, ge=1, description="Overrides local_steps when set.")
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = Field(0.0, ge=0, lt=1, description="sgd only.")
+    weight_decay: float = Field(0.0, ge=0)
+    server_lr: float = Field(1.0, gt=0, description="The aggregate update is scaled by this.")
+    aggregator: PluginSpec = Field(
+        default_factory=lambda: PluginSpec(name="fedavg"),
+        description="Aggregation rule: a name (fedavg, krum, ...) or {name: ..., <its options>}.",
+    )
+    eval_every: int = Field(1, ge=1, description="Evaluate every k rounds (and always after the last).")
+    executor: Literal["local"] = "local"
+
+    @field_validator("aggregator", mode="before")
+    @classmethod
+    def _aggregator_name(cls, value):
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _sizes(self) -> FederationConfig:
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(
+                f"federation.clients_per_round ({self.clients_per_round}) must be ≤ "
+                f"federation.num_clients ({self.num_clients})"
+            )
+        return self
+
+
+class TrackingConfig(Section):
+    enabled: bool = True
+    uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI.")
+    experiment: str = "fedsec"
+    run_name: str | None = Field(None, description="Defaults to the scenario name.")
+    output_dir: str = Field("fedsec-runs", description="Local folder for each run's artifacts and summary.json.")
+
+
+class Scenario(Section):
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    model: ModelConfig
+    tuning: TuningConfig = TuningConfig()
+    data: DataConfig = DataConfig()
+    federation: FederationConfig = FederationConfig()
+    defenses: list[PluginSpec] = []
+    attacks: list[PluginSpec] = []
+    tracking: TrackingConfig = TrackingConfig()
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def digest(self) -> str:
+        """A stable hash of the resolved scenario, logged as a tag so identical runs can be found."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_scenario(source: str | Path | dict, overrides: list[str] | None = None) -> Scenario:
+    """Read, override and validate a scenario; every problem becomes a ScenarioError."""
+    raw = read_yaml(source) if not isinstance(source, dict) else json.loads(json.dumps(source))
+    for item in overrides or []:
+        apply_override(raw, item)
+    return validate_scenario(raw)
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ScenarioError(f"{path}: no such scenario file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ScenarioError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"{path}: a scenario is a mapping of sections (name, model, ...), got {type(raw).__name__}")
+    return raw
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one ``a.b.c=value`` override; the value is parsed as YAML (so 3, true, [1,2] work)."""
+    if "=" not in item:
+        raise ScenarioError(f"--set {item}: expected PATH=VALUE, e.g. federation.rounds=5")
+    path, _, text = item.partition("=")
+    path = re.sub(r"\[(\d+)\]", r".\1", path.strip())  # attacks[0].x, as errors print it, is attacks.0.x
+    keys = [k for k in path.split(".") if k]
+    if not keys:
+        raise ScenarioError(f"--set {item}: empty field path")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ScenarioError(f"--set {item}: value is not valid YAML: {exc}") from None
+    node: Any = raw
+    for depth, key in enumerate(keys[:-1]):
+        node = _child(node, key, keys[: depth + 1], create=True)
+    last = keys[-1]
+    if isinstance(node, list):
+        node[_index(node, last, keys)] = value
+    else:
+        node[last] = value
+
+
+def _child(node: Any, key: str, where: list[str], create: bool) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, key, where)]
+    if not isinstance(node, dict):
+        raise ScenarioError(f"--set {'.'.join(where)}: {'.'.join(where[:-1])} is not a section")
+    if key not in node or node[key] is None:
+        node[key] = {}
+    return node[key]
+
+
+def _index(node: list, key: str, where: list[str]) -> int:
+    if not key.isdigit() or int(key) >= len(node):
+        raise ScenarioError(f"--set {'.'.join(where)}: index {key} out of range (the list has {len(node)} items)")
+    return int(key)
+
+
+def validate_scenario(raw: dict) -> Scenario:
+    try:
+        scenario = Scenario.model_validate(raw)
+    except ValidationError as exc:
+        raise ScenarioError([_describe(err) for err in exc.errors()]) from None
+    from .plugins import check_plugins  # plugins import the schema, so resolve late
+
+    check_plugins(scenario)
+    return scenario
+
+
+def field_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "scenario"
+
+
+_MESSAGES = {
+    "greater_than_equal": "must be ≥ {ge}",
+    "greater_than": "must be > {gt}",
+    "less_than_equal": "must be ≤ {le}",
+    "less_than": "must be < {lt}",
+    "missing": "is required",
+}
+
+
+def _describe(err: dict) -> str:
+    loc = tuple(err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"{field_path(loc)}: unknown field{_suggest(loc[-1], _known_fields(loc[:-1]))}"
+    if kind in _MESSAGES:
+        return f"{field_path(loc)}: " + _MESSAGES[kind].format(**err.get("ctx", {}))
+    if kind == "literal_error":
+        return f"{field_path(loc)}: got {err['input']!r}, expected {err['ctx']['expected']}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return msg if kind == "value_error" and not loc else f"{field_path(loc)}: {msg}"
+
+
+def _suggest(word: Any, options: list[str]) -> str:
+    close = difflib.get_close_matches(str(word), options, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else (f" (known: {', '.join(options)})" if options else "")
+
+
+def _known_fields(loc: tuple) -> list[str]:
+    """The field names of the section at ``loc``, walking the schema (list indices skipped)."""
+    model: type[BaseModel] = Scenario
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        annotation = model.model_fields[part].annotation
+        nested = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
+        nested = [a for a in nested if issubclass(a, BaseModel)]
+        if not nested:
+            return []
+        model = nested[0]
+    return list(model.model_fields)

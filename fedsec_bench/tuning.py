@@ -1,0 +1,66 @@
+"""The three federated workloads: which parameters are trained and exchanged.
+
+``full`` trains and exchanges every weight; ``lora`` and ``prompt`` wrap the model with
+PEFT and exchange only the adapter or the soft prompt. Everything downstream (the
+round loop, defenses, attacks) sees the same thing: a :data:`State` of the trainable
+parameters by name.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, PromptTuningConfig, TaskType, get_peft_model
+from transformers import PreTrainedModel
+
+from .messages import State
+from .scenario import TuningConfig
+
+
+def apply_tuning(model: PreTrainedModel, tuning: TuningConfig) -> torch.nn.Module:
+    """Return the model to train: the model itself (full) or its PEFT wrapper."""
+    if tuning.mode == "full":
+        return model
+    if tuning.mode == "lora":
+        lora = tuning.lora
+        config = LoraConfig(
+            task_type=TaskType.CAUSAL_LM,
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+        )
+    else:
+        config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=tuning.prompt.num_virtual_tokens)
+    return get_peft_model(model, config)
+
+
+class TrainableState:
+    """Reads, writes and moves the exchanged parameters of a (possibly PEFT-wrapped) model."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise ValueError("the model has no trainable parameters")
+
+    def snapshot(self) -> State:
+        """A detached copy, safe to keep while the model trains on."""
+        return {n: p.detach().clone() for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def load(self, state: State) -> None:
+        for name, p in self.params.items():
+            p.copy_(state[name])
+
+    def delta_from(self, reference: State) -> State:
+        """Current minus reference: a client's update."""
+        return {n: (p.detach() - reference[n]) for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def step(self, reference: State, update: State, scale: float) -> None:
+        """Set the parameters to reference + scale * update (the server's model step)."""
+        for name, p in self.params.items():
+            p.copy_(reference[name] + scale * update[name].to(p.dtype))
+
+    def num_values(self) -> int:
+        return sum(p.numel() for p in self.params.values())

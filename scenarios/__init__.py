@@ -1,0 +1,1 @@
+"""Bundled scenarios, shipped as package data (``fedsec_bench.scenarios``) so ``fedsec list`` finds them."""
