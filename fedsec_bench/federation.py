@@ -23,6 +23,7 @@ class Federation:
         started = time.perf_counter()
         round = RoundContext(rnd, self.rt, self.sample_clients(rnd), self.rt.trainable.snapshot())
         messages, round.reports = _unzip(self.executor.run_clients(round))
+        messages = self.hooks.collusion(round, messages)
         metrics = self.hooks.server_observation(round, messages)
         aggregate = self.hooks.aggregation(round, messages)
         aggregate = self.hooks.post_aggregation(round, aggregate)

@@ -40,6 +40,7 @@ HOOKS = (
     "local_training",
     "client_update",
     "transport",
+    "collusion",
     "server_observation",
     "aggregation",
     "post_aggregation",
@@ -83,6 +84,16 @@ class Plugin:
 
     def transport(self, client: ClientContext, message: Message) -> Message:
         return message
+
+    # --- between the clients and the server ------------------------------------
+    def collusion(self, round: RoundContext, messages: list[Message]) -> list[Message]:
+        """Colluding malicious clients rewrite their own messages, knowing every message of the round.
+
+        This is the simulation's omniscience assumption (ALIE, IPM need the benign
+        updates): it runs after all clients trained and before the server receives.
+        A plugin must only replace messages of clients it controls.
+        """
+        return messages
 
     # --- server side -------------------------------------------------------------
     def server_observation(self, round: RoundContext, messages: list[Message]) -> dict[str, float] | None:
@@ -214,6 +225,11 @@ class HookChain:
         for p in self.plugins:
             message = p.transport(client, message)
         return message
+
+    def collusion(self, round: RoundContext, messages: list[Message]) -> list[Message]:
+        for p in self.plugins:
+            messages = p.collusion(round, messages)
+        return messages
 
     def server_observation(self, round: RoundContext, messages: list[Message]) -> dict[str, float]:
         return _merge(p.server_observation(round, messages) for p in self.plugins)
