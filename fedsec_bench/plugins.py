@@ -124,7 +124,10 @@ def registry() -> dict[str, type[Plugin]]:
     """All plugins by name, loaded from the entry-point group once per process."""
     found: dict[str, type[Plugin]] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        cls = ep.load()
+        try:
+            cls = ep.load()
+        except Exception as exc:  # a broken plugin package must say which one it is
+            raise ImportError(f"plugin entry point {ep.name} = {ep.value} failed to load: {exc}") from exc
         if not (isinstance(cls, type) and issubclass(cls, Plugin)):
             raise TypeError(f"entry point {ep.name} = {ep.value} is not a fedsec_bench Plugin subclass")
         if cls.name != ep.name:

@@ -231,7 +231,7 @@ def apply_override(raw: dict, item: str) -> None:
         raise ScenarioError(f"--set {item}: value is not valid YAML: {exc}") from None
     node: Any = raw
     for depth, key in enumerate(keys[:-1]):
-        node = _child(node, key, keys[: depth + 1], create=True)
+        node = _child(node, key, keys[: depth + 2])
     last = keys[-1]
     if isinstance(node, list):
         node[_index(node, last, keys)] = value
@@ -239,13 +239,14 @@ def apply_override(raw: dict, item: str) -> None:
         node[last] = value
 
 
-def _child(node: Any, key: str, where: list[str], create: bool) -> Any:
+def _child(node: Any, key: str, where: list[str]) -> Any:
+    """Step into ``node[key]``, creating a missing section (but never a missing list item)."""
     if isinstance(node, list):
-        return node[_index(node, key, where)]
+        return node[_index(node, key, where[:-1])]
     if not isinstance(node, dict):
-        raise ScenarioError(f"--set {'.'.join(where)}: {'.'.join(where[:-1])} is not a section")
-    if key not in node or node[key] is None:
-        node[key] = {}
+        raise ScenarioError(f"--set {'.'.join(where)}: {'.'.join(where[:-2])} is not a section")
+    if node.get(key) is None:
+        node[key] = [] if where[-1].isdigit() else {}
     return node[key]
 
 

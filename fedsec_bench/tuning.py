@@ -28,6 +28,7 @@ def apply_tuning(model: PreTrainedModel, tuning: TuningConfig) -> torch.nn.Modul
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
             target_modules=lora.target_modules,
+            fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2 stores its linears as Conv1D (in x out)
         )
     else:
         config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=tuning.prompt.num_virtual_tokens)

@@ -28,3 +28,54 @@ def tiny(tmp_path, monkeypatch):
     scenario = copy.deepcopy(TINY)
     scenario["tracking"]["output_dir"] = str(tmp_path / "runs")
     return scenario
+
+
+@pytest.fixture
+def register(tmp_path_factory, monkeypatch):
+    """Install tests/plugin_fixtures.py's plugins as a separate distribution with entry points,
+    exactly as a third-party package would, and refresh the registry."""
+    from plugin_fixtures import ENTRY_POINTS
+
+    from fedsec_bench.plugins import ENTRY_POINT_GROUP, registry
+
+    site = tmp_path_factory.mktemp("site")
+    dist = site / "fedsec_test_plugins-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fedsec-test-plugins\nVersion: 0.1\n")
+    lines = [f"[{ENTRY_POINT_GROUP}]"] + [f"{name} = {target}" for name, target in ENTRY_POINTS.items()]
+    (dist / "entry_points.txt").write_text("\n".join(lines) + "\n")
+    monkeypatch.syspath_prepend(str(site))
+    registry.cache_clear()
+    yield
+    registry.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def pretrained_tiny(tmp_path_factory):
+    """A tiny GPT-2 pretrained centrally on the synthetic corpus, saved with its tokenizer.
+
+    LoRA and prompt tuning adapt a model that already knows the language; on a random
+    base they have nothing to adapt. Tests of those modes load this folder through
+    ``model.name_or_path``, the same from_pretrained path as a user's checkpoint.
+    """
+    import torch
+
+    from fedsec_bench import load_scenario
+    from fedsec_bench.client import LocalTraining
+    from fedsec_bench.data import build_federated_data
+    from fedsec_bench.data.batching import Batcher
+    from fedsec_bench.models import make_model, make_tokenizer
+
+    raw = copy.deepcopy(TINY)
+    raw["tuning"] = {"mode": "full"}
+    scenario = load_scenario(raw, ["seed=123"])  # a different seed: its data is not the tests' data
+    data = build_federated_data(scenario)
+    tokenizer = make_tokenizer(scenario.model, data.heldout)
+    model = make_model(scenario.model, tokenizer, scenario.seed)
+    texts = [t for cid in range(data.num_clients) for t in data.client_texts(cid)]
+    loader = Batcher(tokenizer, scenario.data.seq_len, 16).loader(texts, seed=0)
+    LocalTraining(model, torch.optim.AdamW(model.parameters(), lr=0.01), loader, 150, torch.device("cpu")).run()
+    folder = tmp_path_factory.mktemp("pretrained") / "tiny-gpt2"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

@@ -47,7 +47,7 @@ def build_federated_data(scenario: Scenario) -> FederatedData:
     try:
         if cfg.source == "synthetic":
             pool, labels = sentences(rng, fed.num_clients * cfg.examples_per_client, cfg.topics)
-            heldout, _ = sentences(rng, cfg.heldout_examples, cfg.topics)
+            heldout = fresh_sentences(rng, cfg.heldout_examples, cfg.topics, exclude=set(pool))
         else:
             frame = read_records(cfg)
             order = np_rng.permutation(len(frame))
@@ -66,6 +66,15 @@ def build_federated_data(scenario: Scenario) -> FederatedData:
     except ValueError as exc:
         raise ScenarioError(str(exc)) from None
     return FederatedData(pool, parts, heldout, _plant(scenario, rng))
+
+
+def fresh_sentences(rng: random.Random, count: int, num_topics: int, exclude: set[str]) -> list[str]:
+    """Held-out sentences that no client holds, so a "non-member" is never secretly a member."""
+    out: list[str] = []
+    while len(out) < count:
+        batch, _ = sentences(rng, count - len(out), num_topics)
+        out.extend(s for s in batch if s not in exclude)
+    return out
 
 
 def _plant(scenario: Scenario, rng: random.Random) -> list[Canary]:

@@ -1,0 +1,96 @@
+"""Plugins that exist only for tests, registered through a real entry point by the ``register`` fixture."""
+
+from __future__ import annotations
+
+import torch
+
+from fedsec_bench.messages import Message
+from fedsec_bench.plugins import Options, Plugin
+
+
+class Recorder(Plugin):
+    """Records every hook call, in order, on the class (tests read Recorder.calls)."""
+
+    name = "recorder"
+    kind = "attack"
+    calls: list[tuple] = []
+    local_steps: list[int] = []
+
+    def client_data(self, client, texts):
+        self.calls.append(("client_data", client.round, client.client_id))
+        return texts
+
+    def local_training(self, client, training):
+        self.calls.append(("local_training", client.round, client.client_id))
+        return training
+
+    def client_update(self, client, update):
+        self.calls.append(("client_update", client.round, client.client_id))
+        return update
+
+    def transport(self, client, message):
+        self.calls.append(("transport", client.round, client.client_id))
+        return message
+
+    def collusion(self, round, messages):
+        self.calls.append(("collusion", round.round))
+        return messages
+
+    def server_observation(self, round, messages):
+        self.calls.append(("server_observation", round.round, tuple(m.client_id for m in messages)))
+
+    def aggregation(self, round, messages):
+        self.calls.append(("aggregation", round.round))
+
+    def post_aggregation(self, round, aggregate):
+        self.calls.append(("post_aggregation", round.round))
+        return aggregate
+
+    def round_end(self, round, metrics):
+        self.calls.append(("round_end", round.round))
+        self.local_steps.extend(r.local_steps for r in round.reports)
+        return {"recorder.round": float(round.round)}
+
+    def training_end(self, runtime):
+        self.calls.append(("training_end",))
+        return {"recorder.done": 1.0}
+
+
+class OpaqueTransport(Plugin):
+    """Replaces each update by bytes the server cannot read, and aggregates by zeroing: a stand-in
+    for encryption that proves observers get exactly what the transport carries."""
+
+    name = "opaque_transport"
+    kind = "defense"
+
+    def transport(self, client, message):
+        return Message(message.client_id, message.num_examples, b"\x00" * 16, 16)
+
+    def aggregation(self, round, messages):
+        return {k: torch.zeros_like(v) for k, v in round.global_state.items()}
+
+
+class FullOnlyOptions(Options):
+    level: int = 1
+
+
+class FullOnly(Plugin):
+    """Claims only the full mode, to test the load-time mode check."""
+
+    name = "full_only"
+    kind = "defense"
+    modes = frozenset({"full"})
+    OptionsModel = FullOnlyOptions
+
+
+class Crash(Plugin):
+    """Raises in round 1, to test that a crash marks the run FAILED."""
+
+    name = "crash"
+    kind = "attack"
+
+    def round_end(self, round, metrics):
+        raise RuntimeError("boom in round_end")
+
+
+ENTRY_POINTS = {cls.name: f"plugin_fixtures:{cls.__name__}" for cls in (Recorder, OpaqueTransport, FullOnly, Crash)}

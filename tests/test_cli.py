@@ -1,0 +1,88 @@
+"""The `fedsec` command as a user types it: exit codes, messages, progress and summary."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from fedsec_bench.cli import main
+
+
+@pytest.fixture
+def fedsec(capsys, monkeypatch):
+    """Run the CLI in this process (imports are paid once), as `fedsec ARGS...` in folder cwd."""
+
+    def invoke(*args, cwd):
+        monkeypatch.chdir(cwd)
+        code = main(list(args))
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+    return invoke
+
+
+def write(tmp_path, raw, name="scenario.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_run_shows_progress_and_a_summary_and_logs_to_mlflow(fedsec, tiny, tmp_path):
+    tiny["tracking"] = {"uri": f"sqlite:///{tmp_path}/mlflow.db", "output_dir": "runs"}
+    out = fedsec("run", str(write(tmp_path, tiny)), "--set", "federation.rounds=2", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "2/2" in out.stderr and "eval_loss=" in out.stderr  # the progress bar, with latest metrics
+    assert "utility.perplexity" in out.stdout and "mlflow run:" in out.stdout
+    assert (tmp_path / "mlflow.db").is_file()
+
+
+def test_quiet_run_prints_nothing_on_success(fedsec, tiny, tmp_path):
+    out = fedsec("run", str(write(tmp_path, tiny)), "--quiet", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "" and "round" not in out.stderr
+
+
+def test_bad_field_exits_2_with_the_field_and_no_traceback(fedsec, tiny, tmp_path):
+    tiny["federation"]["rounds"] = 0
+    out = fedsec("run", str(write(tmp_path, tiny)), cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "error: federation.rounds: must be ≥ 1"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_override_exits_2(fedsec, tiny, tmp_path):
+    out = fedsec("validate", str(write(tmp_path, tiny)), "--set", "federation.rounds", cwd=tmp_path)
+    assert out.returncode == 2 and "expected PATH=VALUE" in out.stderr
+
+
+def test_validate_checks_without_running(fedsec, tiny, tmp_path):
+    out = fedsec("validate", str(write(tmp_path, tiny)), cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.startswith("tiny: ok (lora, 2 rounds")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_scenario_exits_2(fedsec, tmp_path):
+    out = fedsec("validate", "nope.yaml", cwd=tmp_path)
+    assert out.returncode == 2 and "nope.yaml: no such scenario file" in out.stderr
+
+
+def test_list_shows_plugins_and_bundled_scenarios(fedsec, tmp_path):
+    out = fedsec("list", cwd=tmp_path)
+    assert out.returncode == 0
+    for word in ("attacks:", "update_probe", "defenses:", "norm_clip", "aggregators:", "fedavg", "quickstart"):
+        assert word in out.stdout
+
+
+def test_installed_console_script_runs_a_bundled_scenario_by_name(tmp_path):
+    out = subprocess.run(
+        [shutil.which("fedsec"), "run", "quickstart", "--quiet", "--set", "federation.rounds=1",
+         "--set", "tracking.enabled=false"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr
+    [summary] = (tmp_path / "fedsec-runs" / "quickstart").glob("*/summary.json")
+    assert summary.is_file()

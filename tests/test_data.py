@@ -1,0 +1,154 @@
+"""Federated data: deterministic synthetic corpus, canaries, partitions, local files and `datasets`."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedsec_bench import ScenarioError, load_scenario
+from fedsec_bench.data import build_federated_data
+from fedsec_bench.data.partition import partition
+from fedsec_bench.scenario import PartitionConfig
+
+
+def data_for(raw, *overrides):
+    return build_federated_data(load_scenario(raw, list(overrides)))
+
+
+def test_synthetic_corpus_is_deterministic_in_the_seed(tiny):
+    a, b, c = data_for(tiny), data_for(tiny), data_for(tiny, "seed=1")
+    assert [a.client_texts(i) for i in range(4)] == [b.client_texts(i) for i in range(4)]
+    assert a.heldout == b.heldout and a.canaries == b.canaries
+    assert a.client_texts(0) != c.client_texts(0)
+
+
+def test_canaries_are_planted_with_their_repetition_counts(tiny):
+    tiny["data"]["canaries"] = {"count": 4, "repetitions": [1, 5], "clients": [2, 3]}
+    data = data_for(tiny)
+    assert [(c.client_id, c.repetitions) for c in data.canaries] == [(2, 1), (3, 5), (2, 1), (3, 5)]
+    for canary in data.canaries:
+        holder = data.client_texts(canary.client_id)
+        assert holder.count(canary.text) == canary.repetitions
+        others = [t for cid in range(4) if cid != canary.client_id for t in data.client_texts(cid)]
+        assert canary.text not in others
+        assert canary.secret not in " ".join(data.heldout)
+    assert {c.kind for c in data.canaries} == {"card", "phone", "email", "name"}
+    assert data.num_examples(3) == len(data.client_texts(3))
+
+
+def test_heldout_split_holds_no_member_sentence(tiny):
+    tiny["data"]["examples_per_client"] = 200
+    tiny["data"]["heldout_examples"] = 500
+    data = data_for(tiny)
+    assert len(data.heldout) == 500
+    assert not set(data.heldout) & set(data.pool)
+
+
+def test_canary_clients_must_exist(tiny):
+    tiny["data"]["canaries"] = {"count": 1, "clients": [9]}
+    with pytest.raises(ScenarioError, match=r"data.canaries.clients: \[9\] are not client ids"):
+        data_for(tiny)
+
+
+def test_iid_partition_covers_every_example_once():
+    parts = partition(103, 10, PartitionConfig(method="iid"), np.random.default_rng(0))
+    assert sorted(np.concatenate(parts).tolist()) == list(range(103))
+    assert {len(p) for p in parts} <= {10, 11}
+
+
+def label_entropy(parts, labels):
+    out = []
+    for p in parts:
+        counts = np.bincount(np.asarray(labels)[p], minlength=8)
+        q = counts[counts > 0] / counts.sum()
+        out.append(-(q * np.log(q)).sum())
+    return float(np.mean(out))
+
+
+def test_dirichlet_skews_labels_more_as_alpha_shrinks():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 8, size=4000)
+    entropies = {}
+    for alpha in (0.1, 1.0, 100.0):
+        parts = partition(4000, 20, PartitionConfig(method="dirichlet", alpha=alpha), np.random.default_rng(1), labels)
+        assert sorted(np.concatenate(parts).tolist()) == list(range(4000))
+        assert min(len(p) for p in parts) >= 2
+        entropies[alpha] = label_entropy(parts, labels)
+    assert entropies[0.1] < entropies[1.0] < entropies[100.0] <= np.log(8)
+
+
+def test_quantity_skew_varies_sizes_and_keeps_the_minimum():
+    parts = partition(1000, 20, PartitionConfig(method="quantity_skew", alpha=0.3, min_examples=5),
+                      np.random.default_rng(0))
+    sizes = [len(p) for p in parts]
+    assert sum(sizes) == 1000 and min(sizes) >= 5 and max(sizes) > 3 * np.median(sizes)
+
+
+def test_too_little_data_for_the_clients_is_a_scenario_error(tiny):
+    with pytest.raises(ScenarioError, match="cannot give 4 clients 20 each"):
+        data_for(tiny, "data.partition.min_examples=20")
+
+
+def test_a_thousand_clients_cost_only_their_index_arrays(tiny):
+    tracemalloc.start()
+    data = data_for(tiny, "federation.num_clients=1000", "data.examples_per_client=8")
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert data.num_clients == 1000 and len(data.client_texts(999)) >= 8
+    assert peak < 20 * 2**20  # 8,000 short sentences and 1,000 index arrays, not per-client models
+
+
+@pytest.fixture
+def table():
+    return pd.DataFrame({"text": [f"record {i} about topic {i % 3} ." for i in range(60)], "topic": [i % 3 for i in range(60)]})
+
+
+@pytest.mark.parametrize("suffix", ["txt", "jsonl", "csv", "parquet"])
+def test_local_files_are_read_and_split(tiny, table, tmp_path, suffix):
+    path = tmp_path / f"data.{suffix}"
+    if suffix == "txt":
+        path.write_text("\n".join(table.text) + "\n\n")
+    elif suffix == "jsonl":
+        path.write_text("\n".join(json.dumps(r) for r in table.to_dict("records")))
+    elif suffix == "csv":
+        table.to_csv(path, index=False)
+    else:
+        table.to_parquet(path)
+    tiny["data"] = {"source": "files", "path": str(path), "heldout_examples": 10, "canaries": {"count": 0}}
+    data = data_for(tiny)
+    members = [t for cid in range(4) for t in data.client_texts(cid)]
+    assert len(members) == 50 and len(data.heldout) == 10
+    assert sorted(members + data.heldout) == sorted(table.text)
+
+
+def test_dirichlet_on_files_uses_the_label_column(tiny, table, tmp_path):
+    path = tmp_path / "data.csv"
+    table.to_csv(path, index=False)
+    tiny["data"] = {"source": "files", "path": str(path), "heldout_examples": 10,
+                    "partition": {"method": "dirichlet", "alpha": 0.5}, "canaries": {"count": 0}}
+    assert sum(len(data_for(tiny).client_texts(c)) for c in range(4)) == 50
+    with pytest.raises(ScenarioError, match="data.label_field: no column 'label'"):
+        data_for(tiny, "data.label_field=label")
+
+
+def test_file_errors_name_the_field(tiny, tmp_path):
+    tiny["data"] = {"source": "files", "path": str(tmp_path / "missing.csv")}
+    with pytest.raises(ScenarioError, match="data.path: .*missing.csv does not exist"):
+        data_for(tiny)
+    tiny["data"] = {"source": "files"}
+    with pytest.raises(ScenarioError, match="data.path is required with data.source=files"):
+        data_for(tiny)
+
+
+def test_datasets_library_path_on_a_local_file(tiny, table, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in table.to_dict("records")))
+    tiny["data"] = {"source": "datasets", "path": "json", "data_files": str(path), "heldout_examples": 10,
+                    "canaries": {"count": 0}}
+    data = data_for(tiny)
+    assert sorted([t for c in range(4) for t in data.client_texts(c)] + data.heldout) == sorted(table.text)
