@@ -30,8 +30,9 @@ BYTE_VOCAB = 256 + 1  # every byte, plus the end-of-text token
 def make_tokenizer(config: ModelConfig, public_texts: list[str]) -> PreTrainedTokenizerBase:
     """The scenario's tokenizer.
 
-    A trained BPE sees only ``public_texts`` (the held-out split), never a client's
-    private data: otherwise the vocabulary itself would memorise planted canaries.
+    A trained BPE sees only ``public_texts`` (the data's public split), never a
+    client's private data nor the held-out non-members: otherwise the vocabulary
+    itself would memorise planted canaries or separate members from non-members.
     """
     kind = config.tokenizer.kind
     if kind == "auto":

@@ -12,6 +12,7 @@ from .data import FederatedData
 from .data.batching import Batcher
 from .errors import ScenarioError
 from .models import make_model, make_tokenizer
+from .pretraining import pretrain
 from .scenario import Scenario
 from .tuning import TrainableState, apply_tuning
 
@@ -46,8 +47,11 @@ def resolve_device(choice: str) -> torch.device:
 
 def build_runtime(scenario: Scenario, data: FederatedData, device: torch.device, artifact_dir: Path) -> Runtime:
     """Build the tokenizer and model; data and device are resolved first, before any run is recorded."""
-    tokenizer = make_tokenizer(scenario.model, data.heldout)
-    model = apply_tuning(make_model(scenario.model, tokenizer, scenario.seed), scenario.tuning).to(device)
+    tokenizer = make_tokenizer(scenario.model, data.public)
+    model = make_model(scenario.model, tokenizer, scenario.seed).to(device)
+    if scenario.model.pretrain.steps:
+        pretrain(model, tokenizer, data.public, scenario, device)
+    model = apply_tuning(model, scenario.tuning)
     batcher = Batcher(tokenizer, scenario.data.seq_len, scenario.federation.batch_size)
     return Runtime(
         scenario, device, data, tokenizer, model, TrainableState(model), batcher,

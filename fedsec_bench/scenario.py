@@ -35,6 +35,12 @@ class TokenizerConfig(Section):
     vocab_size: int = Field(1024, ge=260, description="Target vocabulary size for kind=bpe.")
 
 
+class PretrainConfig(Section):
+    steps: int = Field(0, ge=0, description="Central training steps on data's public split before the federation; 0 = none.")
+    lr: float = Field(0.01, gt=0)
+    batch_size: int = Field(16, ge=1)
+
+
 class ModelConfig(Section):
     name_or_path: str | None = Field(
         None, description="Hugging Face model name or local directory, loaded with from_pretrained."
@@ -48,6 +54,7 @@ class ModelConfig(Section):
     vocab: int | None = Field(None, ge=8, description="Defaults to the tokenizer's vocabulary size.")
     max_positions: int = Field(256, ge=8)
     tokenizer: TokenizerConfig = TokenizerConfig()
+    pretrain: PretrainConfig = PretrainConfig()
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
@@ -104,6 +111,10 @@ class DataConfig(Section):
     examples_per_client: int = Field(32, ge=1, description="synthetic only: mean examples per client.")
     topics: int = Field(8, ge=1, description="synthetic only: number of topics.")
     heldout_examples: int = Field(64, ge=2, description="Held-out (non-member) examples for eval and attacks.")
+    public_examples: int = Field(
+        256, ge=1, description="Public examples, in no client's data and not held out: they train the BPE "
+        "tokenizer and model.pretrain."
+    )
     seq_len: int = Field(64, ge=4)
     canaries: CanaryConfig = CanaryConfig()
     partition: PartitionConfig = PartitionConfig()

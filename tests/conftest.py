@@ -52,7 +52,7 @@ def register(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="session")
 def pretrained_tiny(tmp_path_factory):
-    """A tiny GPT-2 pretrained centrally on the synthetic corpus, saved with its tokenizer.
+    """A tiny GPT-2 pretrained on the public split (model.pretrain), saved with its tokenizer.
 
     LoRA and prompt tuning adapt a model that already knows the language; on a random
     base they have nothing to adapt. Tests of those modes load this folder through
@@ -61,20 +61,16 @@ def pretrained_tiny(tmp_path_factory):
     import torch
 
     from fedsec_bench import load_scenario
-    from fedsec_bench.client import LocalTraining
     from fedsec_bench.data import build_federated_data
-    from fedsec_bench.data.batching import Batcher
     from fedsec_bench.models import make_model, make_tokenizer
+    from fedsec_bench.pretraining import pretrain
 
     raw = copy.deepcopy(TINY)
-    raw["tuning"] = {"mode": "full"}
-    scenario = load_scenario(raw, ["seed=123"])  # a different seed: its data is not the tests' data
+    scenario = load_scenario(raw, ["model.pretrain.steps=150", "data.public_examples=512"])
     data = build_federated_data(scenario)
-    tokenizer = make_tokenizer(scenario.model, data.heldout)
+    tokenizer = make_tokenizer(scenario.model, data.public)
     model = make_model(scenario.model, tokenizer, scenario.seed)
-    texts = [t for cid in range(data.num_clients) for t in data.client_texts(cid)]
-    loader = Batcher(tokenizer, scenario.data.seq_len, 16).loader(texts, seed=0)
-    LocalTraining(model, torch.optim.AdamW(model.parameters(), lr=0.01), loader, 150, torch.device("cpu")).run()
+    pretrain(model, tokenizer, data.public, scenario, torch.device("cpu"))
     folder = tmp_path_factory.mktemp("pretrained") / "tiny-gpt2"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

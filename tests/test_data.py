@@ -35,17 +35,17 @@ def test_canaries_are_planted_with_their_repetition_counts(tiny):
         assert holder.count(canary.text) == canary.repetitions
         others = [t for cid in range(4) if cid != canary.client_id for t in data.client_texts(cid)]
         assert canary.text not in others
-        assert canary.secret not in " ".join(data.heldout)
+        assert canary.secret not in " ".join(data.heldout + data.public)
     assert {c.kind for c in data.canaries} == {"card", "phone", "email", "name"}
     assert data.num_examples(3) == len(data.client_texts(3))
 
 
-def test_heldout_split_holds_no_member_sentence(tiny):
-    tiny["data"]["examples_per_client"] = 200
-    tiny["data"]["heldout_examples"] = 500
+def test_members_heldout_and_public_splits_are_disjoint(tiny):
+    tiny["data"].update(examples_per_client=200, heldout_examples=500, public_examples=500)
     data = data_for(tiny)
-    assert len(data.heldout) == 500
+    assert len(data.heldout) == 500 and len(data.public) == 500
     assert not set(data.heldout) & set(data.pool)
+    assert not set(data.public) & (set(data.pool) | set(data.heldout))
 
 
 def test_canary_clients_must_exist(tiny):
@@ -118,19 +118,20 @@ def test_local_files_are_read_and_split(tiny, table, tmp_path, suffix):
         table.to_csv(path, index=False)
     else:
         table.to_parquet(path)
-    tiny["data"] = {"source": "files", "path": str(path), "heldout_examples": 10, "canaries": {"count": 0}}
+    tiny["data"] = {"source": "files", "path": str(path), "heldout_examples": 10, "public_examples": 10,
+                    "canaries": {"count": 0}}
     data = data_for(tiny)
     members = [t for cid in range(4) for t in data.client_texts(cid)]
-    assert len(members) == 50 and len(data.heldout) == 10
-    assert sorted(members + data.heldout) == sorted(table.text)
+    assert len(members) == 40 and len(data.heldout) == 10 and len(data.public) == 10
+    assert sorted(members + data.heldout + data.public) == sorted(table.text)
 
 
 def test_dirichlet_on_files_uses_the_label_column(tiny, table, tmp_path):
     path = tmp_path / "data.csv"
     table.to_csv(path, index=False)
-    tiny["data"] = {"source": "files", "path": str(path), "heldout_examples": 10,
+    tiny["data"] = {"source": "files", "path": str(path), "heldout_examples": 10, "public_examples": 10,
                     "partition": {"method": "dirichlet", "alpha": 0.5}, "canaries": {"count": 0}}
-    assert sum(len(data_for(tiny).client_texts(c)) for c in range(4)) == 50
+    assert sum(len(data_for(tiny).client_texts(c)) for c in range(4)) == 40
     with pytest.raises(ScenarioError, match="data.label_field: no column 'label'"):
         data_for(tiny, "data.label_field=label")
 
@@ -149,6 +150,7 @@ def test_datasets_library_path_on_a_local_file(tiny, table, tmp_path, monkeypatc
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in table.to_dict("records")))
     tiny["data"] = {"source": "datasets", "path": "json", "data_files": str(path), "heldout_examples": 10,
-                    "canaries": {"count": 0}}
+                    "public_examples": 10, "canaries": {"count": 0}}
     data = data_for(tiny)
-    assert sorted([t for c in range(4) for t in data.client_texts(c)] + data.heldout) == sorted(table.text)
+    members = [t for c in range(4) for t in data.client_texts(c)]
+    assert sorted(members + data.heldout + data.public) == sorted(table.text)

@@ -16,7 +16,7 @@ ARCHS = ["gpt2", "llama"]
 def build(raw, *overrides):
     scenario = load_scenario(raw, list(overrides))
     data = build_federated_data(scenario)
-    tokenizer = make_tokenizer(scenario.model, data.heldout)
+    tokenizer = make_tokenizer(scenario.model, data.public)
     return scenario, tokenizer, make_model(scenario.model, tokenizer, scenario.seed)
 
 
@@ -46,13 +46,13 @@ def test_byte_tokenizer_has_one_symbol_per_byte(tiny):
     assert model.get_input_embeddings().num_embeddings == BYTE_VOCAB
 
 
-def test_bpe_tokenizer_is_trained_on_public_text_only(tiny):
+def test_bpe_tokenizer_is_trained_on_the_public_split_only(tiny):
     scenario, tokenizer, _ = build(tiny, "data.canaries.count=4", "model.tokenizer.vocab_size=400")
     data = build_federated_data(scenario)
     learned = {t for t in tokenizer.get_vocab() if len(t) > 1}
-    heldout_text = " ".join(data.heldout)
-    # every merge was seen in the held-out (public) text; canary secrets (digits, @) never shaped it
-    assert all(tokenizer.convert_tokens_to_string([t]) in heldout_text for t in learned if t != "<|endoftext|>")
+    public_text = " ".join(data.public)
+    # every merge was seen in the public split; client data and canary secrets never shaped it
+    assert all(tokenizer.convert_tokens_to_string([t]) in public_text for t in learned if t != "<|endoftext|>")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -75,7 +75,7 @@ def test_each_mode_exchanges_only_its_trainable_parameters(tiny, arch, mode):
 def test_each_mode_learns_and_reports_bytes_sent(tiny, pretrained_tiny, mode):
     """Fine-tuning a pretrained model on the clients' (topic-skewed) data improves held-out loss."""
     tiny["model"] = {"name_or_path": pretrained_tiny}
-    tiny["tuning"]["mode"] = mode
+    tiny["tuning"] = {"mode": mode, "lora": {"r": 4, "alpha": 8, "target_modules": ["c_attn", "c_proj", "c_fc"]}}
     tiny["federation"].update(rounds=3, local_steps=5, lr={"full": 0.003, "lora": 0.01, "prompt": 0.1}[mode])
     result = fedsec_bench.run(tiny)
     loss = result.metrics["utility.eval_loss"]
@@ -92,3 +92,9 @@ def test_federated_pretraining_from_scratch_in_full_mode(tiny):
     tiny["federation"].update(rounds=5, local_steps=8, lr=0.005)
     loss = fedsec_bench.run(tiny).metrics["utility.eval_loss"]
     assert loss.iloc[-1] < 0.7 * loss.iloc[0]  # a random model learns the corpus's statistics
+
+
+def test_pretraining_on_the_public_split_gives_fine_tuning_a_head_start(tiny):
+    cold = fedsec_bench.run(tiny).metrics["utility.eval_loss"].iloc[0]
+    warm = fedsec_bench.run(tiny, ["model.pretrain.steps=60"]).metrics["utility.eval_loss"].iloc[0]
+    assert warm < cold - 1.0  # round 0 is before any client trained

@@ -21,6 +21,9 @@ class FederatedData:
     pool: list[str]
     parts: list[np.ndarray]
     heldout: list[str]
+    """Non-members from the clients' distribution: utility evaluation and membership attacks."""
+    public: list[str]
+    """Neither members nor held out: what the tokenizer and any pretraining may see."""
     canaries: list[Canary]
 
     @property
@@ -48,16 +51,20 @@ def build_federated_data(scenario: Scenario) -> FederatedData:
         if cfg.source == "synthetic":
             pool, labels = sentences(rng, fed.num_clients * cfg.examples_per_client, cfg.topics)
             heldout = fresh_sentences(rng, cfg.heldout_examples, cfg.topics, exclude=set(pool))
+            public = fresh_sentences(rng, cfg.public_examples, cfg.topics, exclude=set(pool) | set(heldout))
         else:
             frame = read_records(cfg)
             order = np_rng.permutation(len(frame))
-            if len(frame) <= cfg.heldout_examples:
+            reserved = cfg.heldout_examples + cfg.public_examples
+            if len(frame) <= reserved:
                 raise ValueError(
-                    f"data.heldout_examples ({cfg.heldout_examples}) leaves no training data from {len(frame)} rows"
+                    f"data.heldout_examples + data.public_examples ({reserved}) leave no client data "
+                    f"from {len(frame)} rows"
                 )
             texts = frame[cfg.text_field].astype(str).tolist()
             heldout = [texts[i] for i in order[: cfg.heldout_examples]]
-            train = order[cfg.heldout_examples :]
+            public = [texts[i] for i in order[cfg.heldout_examples : reserved]]
+            train = order[reserved:]
             pool = [texts[i] for i in train]
             labels = frame[cfg.label_field].iloc[train].tolist() if cfg.label_field in frame.columns else None
             if labels is None and cfg.partition.method == "dirichlet":
@@ -65,11 +72,11 @@ def build_federated_data(scenario: Scenario) -> FederatedData:
         parts = partition(len(pool), fed.num_clients, cfg.partition, np_rng, labels)
     except ValueError as exc:
         raise ScenarioError(str(exc)) from None
-    return FederatedData(pool, parts, heldout, _plant(scenario, rng))
+    return FederatedData(pool, parts, heldout, public, _plant(scenario, rng))
 
 
 def fresh_sentences(rng: random.Random, count: int, num_topics: int, exclude: set[str]) -> list[str]:
-    """Held-out sentences that no client holds, so a "non-member" is never secretly a member."""
+    """Sentences outside ``exclude``: a held-out "non-member" is never secretly a member."""
     out: list[str] = []
     while len(out) < count:
         batch, _ = sentences(rng, count - len(out), num_topics)

@@ -1,0 +1,23 @@
+"""Central pretraining of a freshly built model on public text, before any client takes part.
+
+Fine-tuning (lora, prompt) adapts a model that already knows the language; offline,
+with no hub checkpoint, this gives a built model that knowledge from the public split
+alone, so clients' private data and the held-out non-members stay unseen.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .client import LocalTraining
+from .data.batching import Batcher
+from .scenario import Scenario
+
+
+def pretrain(model: torch.nn.Module, tokenizer, texts: list[str], scenario: Scenario, device: torch.device) -> float:
+    """Train every weight for ``model.pretrain.steps`` AdamW steps; return the mean training loss."""
+    config = scenario.model.pretrain
+    torch.manual_seed(scenario.seed)
+    loader = Batcher(tokenizer, scenario.data.seq_len, config.batch_size).loader(texts, seed=scenario.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    return LocalTraining(model, optimizer, loader, config.steps, device).run()
