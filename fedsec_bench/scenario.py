@@ -30,15 +30,15 @@ class TokenizerConfig(Section):
     kind: Literal["auto", "model", "bpe", "byte"] = Field(
         "auto",
         description="auto: the model's own when loading a saved model, else bpe. "
-        "bpe: trained on the held-out split with `tokenizers`. byte: 256 byte symbols.",
+        "bpe: byte-level BPE trained on the public split with `tokenizers`. byte: 256 byte symbols.",
     )
     vocab_size: int = Field(1024, ge=260, description="Target vocabulary size for kind=bpe.")
 
 
 class PretrainConfig(Section):
     steps: int = Field(0, ge=0, description="Central training steps on data's public split before the federation; 0 = none.")
-    lr: float = Field(0.01, gt=0)
-    batch_size: int = Field(16, ge=1)
+    lr: float = Field(0.01, gt=0, description="AdamW learning rate of pretraining.")
+    batch_size: int = Field(16, ge=1, description="Pretraining batch size.")
 
 
 class ModelConfig(Section):
@@ -46,13 +46,13 @@ class ModelConfig(Section):
         None, description="Hugging Face model name or local directory, loaded with from_pretrained."
     )
     arch: Literal["gpt2", "llama"] | None = Field(None, description="Build a fresh model of this architecture.")
-    layers: int = Field(2, ge=1)
-    hidden: int = Field(64, ge=8)
-    heads: int = Field(4, ge=1)
+    layers: int = Field(2, ge=1, description="Transformer blocks (arch only).")
+    hidden: int = Field(64, ge=8, description="Hidden size (arch only); divisible by heads.")
+    heads: int = Field(4, ge=1, description="Attention heads (arch only).")
     kv_heads: int | None = Field(None, ge=1, description="llama only; defaults to heads.")
     intermediate: int | None = Field(None, ge=8, description="llama MLP width; defaults to 4*hidden.")
     vocab: int | None = Field(None, ge=8, description="Defaults to the tokenizer's vocabulary size.")
-    max_positions: int = Field(256, ge=8)
+    max_positions: int = Field(256, ge=8, description="Longest sequence the built model accepts.")
     tokenizer: TokenizerConfig = TokenizerConfig()
     pretrain: PretrainConfig = PretrainConfig()
 
@@ -68,18 +68,20 @@ class ModelConfig(Section):
 
 
 class LoraConfig(Section):
-    r: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    r: int = Field(8, ge=1, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (the update is scaled by alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
     target_modules: list[str] | None = Field(None, description="None: PEFT's default for the architecture.")
 
 
 class PromptConfig(Section):
-    num_virtual_tokens: int = Field(8, ge=1)
+    num_virtual_tokens: int = Field(8, ge=1, description="Length of the trained soft prompt.")
 
 
 class TuningConfig(Section):
-    mode: Literal["full", "lora", "prompt"] = "lora"
+    mode: Literal["full", "lora", "prompt"] = Field(
+        "lora", description="What is trained and exchanged: every weight, LoRA adapters, or a soft prompt."
+    )
     lora: LoraConfig = LoraConfig()
     prompt: PromptConfig = PromptConfig()
 
@@ -87,27 +89,35 @@ class TuningConfig(Section):
 class CanaryConfig(Section):
     count: int = Field(8, ge=0, description="Number of distinct planted secrets.")
     repetitions: list[int] = Field([1, 4], min_length=1, description="Cycled over canaries: how often each is inserted.")
-    kinds: list[Literal["card", "phone", "email", "name"]] = Field(["card", "phone", "email", "name"], min_length=1)
+    kinds: list[Literal["card", "phone", "email", "name"]] = Field(
+        ["card", "phone", "email", "name"], min_length=1, description="Secret kinds, cycled over canaries."
+    )
     clients: Annotated[list[int], Field(min_length=1)] | Literal["random"] = Field(
         "random", description="Which clients hold canaries (cycled), or one random client per canary."
     )
 
 
 class PartitionConfig(Section):
-    method: Literal["iid", "dirichlet", "quantity_skew"] = "iid"
-    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more skewed).")
+    method: Literal["iid", "dirichlet", "quantity_skew"] = Field(
+        "iid", description="iid: equal random shares. dirichlet: label skew over label_field. quantity_skew: "
+        "client sizes ~ Dirichlet(alpha)."
+    )
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration for dirichlet and quantity_skew (smaller = more skewed).")
     min_examples: int = Field(2, ge=1, description="Every client gets at least this many examples.")
 
 
 class DataConfig(Section):
-    source: Literal["synthetic", "files", "datasets"] = "synthetic"
+    source: Literal["synthetic", "files", "datasets"] = Field(
+        "synthetic", description="synthetic: the built-in corpus with canaries. files: local files. "
+        "datasets: through datasets.load_dataset."
+    )
     path: str | list[str] | None = Field(
         None, description="files: txt/jsonl/csv/parquet path(s). datasets: a dataset name or builder (json, csv...)."
     )
     data_files: str | list[str] | None = Field(None, description="datasets only: passed to load_dataset.")
     split: str = Field("train", description="datasets only.")
-    text_field: str = "text"
-    label_field: str = Field("topic", description="Used by dirichlet partitioning.")
+    text_field: str = Field("text", description="Column holding the text (files, datasets).")
+    label_field: str = Field("topic", description="Column used by dirichlet partitioning (synthetic data has topics).")
     examples_per_client: int = Field(32, ge=1, description="synthetic only: mean examples per client.")
     topics: int = Field(8, ge=1, description="synthetic only: number of topics.")
     heldout_examples: int = Field(64, ge=2, description="Held-out (non-member) examples for eval and attacks.")
@@ -115,7 +125,7 @@ class DataConfig(Section):
         256, ge=1, description="Public examples, in no client's data and not held out: they train the BPE "
         "tokenizer and model.pretrain."
     )
-    seq_len: int = Field(64, ge=4)
+    seq_len: int = Field(64, ge=4, description="Examples are cut to this many tokens.")
     canaries: CanaryConfig = CanaryConfig()
     partition: PartitionConfig = PartitionConfig()
 
@@ -136,28 +146,28 @@ class PluginSpec(BaseModel):
 
 
 class FederationConfig(Section):
-    num_clients: int = Field(4, ge=1)
-    clients_per_round: int = Field(2, ge=1)
-    rounds: int = Field(3, ge=1)
+    num_clients: int = Field(4, ge=1, description="Registered clients, each with its own data.")
+    clients_per_round: int = Field(2, ge=1, description="Sampled per round (the expected number with poisson).")
+    rounds: int = Field(3, ge=1, description="Federated rounds.")
     sampling: Literal["uniform", "poisson"] = Field(
         "uniform",
         description="uniform: exactly clients_per_round without replacement. "
         "poisson: each client independently with q = clients_per_round / num_clients.",
     )
-    local_steps: int | None = Field(10, ge=1)
+    local_steps: int | None = Field(10, ge=1, description="Optimizer steps per client per round.")
     local_epochs: int | None = Field(None, ge=1, description="Overrides local_steps when set.")
-    batch_size: int = Field(8, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    batch_size: int = Field(8, ge=1, description="Local batch size.")
+    lr: float = Field(1e-3, gt=0, description="Local learning rate.")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Local optimizer, fresh each round.")
     momentum: float = Field(0.0, ge=0, lt=1, description="sgd only.")
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="Local optimizer weight decay.")
     server_lr: float = Field(1.0, gt=0, description="The aggregate update is scaled by this.")
     aggregator: PluginSpec = Field(
         default_factory=lambda: PluginSpec(name="fedavg"),
         description="Aggregation rule: a name (fedavg, krum, ...) or {name: ..., <its options>}.",
     )
     eval_every: int = Field(1, ge=1, description="Evaluate every k rounds (and always after the last).")
-    executor: Literal["local"] = "local"
+    executor: Literal["local"] = Field("local", description="Where clients train: local (this process).")
 
     @field_validator("aggregator", mode="before")
     @classmethod
@@ -175,24 +185,24 @@ class FederationConfig(Section):
 
 
 class TrackingConfig(Section):
-    enabled: bool = True
+    enabled: bool = Field(True, description="Log to MLflow; the local run folder is written either way.")
     uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI.")
-    experiment: str = "fedsec"
+    experiment: str = Field("fedsec", description="MLflow experiment name.")
     run_name: str | None = Field(None, description="Defaults to the scenario name.")
     output_dir: str = Field("fedsec-runs", description="Local folder for each run's artifacts and summary.json.")
 
 
 class Scenario(Section):
-    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = 0
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="Names the run and its folder.")
+    seed: int = Field(0, description="Seeds data, model, sampling and training: same seed, same figures.")
     model: ModelConfig
     tuning: TuningConfig = TuningConfig()
     data: DataConfig = DataConfig()
     federation: FederationConfig = FederationConfig()
-    defenses: list[PluginSpec] = []
-    attacks: list[PluginSpec] = []
+    defenses: list[PluginSpec] = Field([], description="Defenses in force, each {name: ..., <options>}.")
+    attacks: list[PluginSpec] = Field([], description="Attacks to run, each {name: ..., <options>}.")
     tracking: TrackingConfig = TrackingConfig()
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu.")
 
     def digest(self) -> str:
         """A stable hash of the resolved scenario, logged as a tag so identical runs can be found."""
