@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet_library_logs()
+    if getattr(args, "jobs", 1) < 1:
+        parser.error("--jobs must be ≥ 1")
     try:
         return args.command(args)
     except ScenarioError as exc:
@@ -65,6 +67,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     listing = sub.add_parser("list", help="list attacks, defenses and bundled scenarios")
     listing.set_defaults(command=cmd_list)
+
+    sweep = sub.add_parser("sweep", help="run every combination of a scenario's matrix under one parent run")
+    _scenario_args(sweep)
+    sweep.add_argument("--jobs", type=int, default=1, help="worker processes running children at once (default 1)")
+    sweep.add_argument("--dry-run", action="store_true", help="list the combinations and exit")
+    sweep.set_defaults(command=cmd_sweep)
+
+    compare = sub.add_parser("compare", help="one table (and plots) comparing runs from MLflow")
+    which = compare.add_mutually_exclusive_group(required=True)
+    which.add_argument("--parent", metavar="RUN_ID", help="the children of a sweep's parent run")
+    which.add_argument("--experiment", metavar="NAME", help="every scenario run of an experiment")
+    which.add_argument("--runs", nargs="+", metavar="RUN_ID", help="these runs")
+    compare.add_argument("--uri", default="sqlite:///mlflow.db", help="MLflow tracking URI (default: %(default)s)")
+    compare.add_argument("--out", default="fedsec-compare", help="folder for the CSV, Markdown and plots")
+    compare.set_defaults(command=cmd_compare)
+
+    check = sub.add_parser("check", help="run baseline scenarios; exit 1 if a figure regressed")
+    check.add_argument("scenarios", nargs="*", metavar="SCENARIO", help="only these (baseline or scenario names)")
+    check.add_argument("--baselines", default="results/baselines", help="folder of baseline JSON files")
+    check.add_argument("--update", action="store_true", help="record the new figures as the baselines")
+    check.set_defaults(command=cmd_check)
     return parser
 
 
@@ -113,6 +136,77 @@ def cmd_run(args) -> int:
 
 
 PROGRESS_METRICS = ("train.loss", "utility.eval_loss", "utility.perplexity")
+EXIT_FAILED = 1
+
+
+def cmd_sweep(args) -> int:
+    from .scenario import read_yaml
+    from .sweep import expand, run_sweep
+
+    path = resolve_scenario_path(args.scenario)
+    base, children = expand(read_yaml(path), args.overrides)
+    if args.dry_run:
+        print(f"{base.name}: {len(children)} combinations")
+        for i, child in enumerate(children, 1):
+            print(f"  {i:>3}. {child.label}")
+        return 0
+    print(f"{base.name}: running {len(children)} combinations with {args.jobs} worker(s)", file=sys.stderr)
+
+    def on_child(outcome) -> None:
+        print(f"  {outcome.status:<8} {outcome.label}" + (f"  ({outcome.error})" if outcome.error else ""),
+              file=sys.stderr)
+
+    parent, outcomes, frame = run_sweep(path, args.overrides, args.jobs, on_child)
+    if frame is not None:
+        print(frame.drop(columns=["run_id"]).to_string(index=False))
+    failed = [o.label for o in outcomes if o.status == "FAILED"]
+    print(f"\n{len(outcomes) - len(failed)} finished, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else ""))
+    if parent:
+        print(f"parent run: {parent}  (fedsec compare --parent {parent} --uri {base.tracking.uri})")
+    return EXIT_FAILED if failed else 0
+
+
+def cmd_compare(args) -> int:
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    from .compare import compare_runs, find_run_ids, log_comparison
+
+    try:
+        ids = args.runs or find_run_ids(args.uri, parent=args.parent, experiment=args.experiment)
+    except ValueError as exc:
+        raise ScenarioError(str(exc)) from None
+    if not ids:
+        raise ScenarioError("no runs found to compare; check --uri, --parent or --experiment")
+    frame = compare_runs(args.uri, ids)
+    files = log_comparison(frame, args.uri, Path(args.out))
+    if args.parent:
+        client = MlflowClient(tracking_uri=args.uri)
+        for path in files:
+            client.log_artifact(args.parent, str(path), artifact_path="comparison")
+        client.log_table(args.parent, data=frame, artifact_file="comparison/comparison.json")
+    print(frame.drop(columns=["run_id"]).to_string(index=False))
+    print(f"\nsaved: {', '.join(str(p) for p in files)}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from pathlib import Path
+
+    from .check import check_baseline, format_rows, select_baselines
+
+    rows = []
+    for path in select_baselines(Path(args.baselines), args.scenarios):
+        print(f"checking {path} ...", file=sys.stderr)
+        rows += check_baseline(path, update=args.update)
+    print(format_rows(rows))
+    if args.update:
+        print(f"\nbaselines updated in {args.baselines}: review the diff before committing")
+        return 0
+    regressed = [f"{r.baseline}:{r.metric}" for r in rows if r.failed]
+    print(f"\n{len(rows) - len(regressed)} ok, {len(regressed)} regressed" + (f": {', '.join(regressed)}" if regressed else ""))
+    return EXIT_FAILED if regressed else 0
 
 
 def cmd_list(args) -> int:

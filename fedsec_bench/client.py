@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import cycle, islice
+from itertools import islice
 
 import torch
 from torch.utils.data import DataLoader
@@ -26,7 +26,7 @@ class LocalTraining:
         """Take ``steps`` optimizer steps, cycling over the loader; return the mean training loss."""
         self.model.train()
         total = torch.zeros((), device=self.device)
-        for batch in islice(cycle(self.loader), self.steps):
+        for batch in islice(epochs(self.loader), self.steps):
             batch = {k: v.to(self.device) for k, v in batch.items()}
             loss = self.model(**batch).loss
             loss.backward()
@@ -34,6 +34,15 @@ class LocalTraining:
             self.optimizer.zero_grad(set_to_none=True)
             total += loss.detach()
         return (total / self.steps).item()
+
+
+def epochs(loader: DataLoader):
+    """Batches epoch after epoch; each pass re-iterates the loader, so a shuffled loader reshuffles
+    (itertools.cycle would replay the first epoch's order)."""
+    if len(loader) == 0:
+        raise ValueError("a client has no training batches")
+    while True:
+        yield from loader
 
 
 def make_optimizer(params: list[torch.nn.Parameter], federation) -> torch.optim.Optimizer:

@@ -9,6 +9,7 @@ from typing import Callable
 import pandas as pd
 
 from .data import build_federated_data
+from .errors import ScenarioError
 from .executors import make_executor
 from .federation import Federation
 from .plugins import HookChain, configured_plugins
@@ -34,17 +35,24 @@ def run(
     scenario: Scenario | str | Path | dict,
     overrides: list[str] | None = None,
     on_round: RoundCallback | None = None,
+    parent_run_id: str | None = None,
 ) -> Result:
     """Train, attack and defend as the scenario says; log to MLflow; return the figures.
 
     Scenario errors (a ScenarioError) are raised before any run is recorded.
+    ``parent_run_id`` nests the run under a sweep's parent run.
     """
     if not isinstance(scenario, Scenario):
         scenario = load_scenario(scenario, overrides)
+    if scenario.matrix:
+        raise ScenarioError(
+            f"matrix: {scenario.name} is a sweep of {_combinations(scenario)} combinations; "
+            "run it with `fedsec sweep`, or drop the matrix section"
+        )
     device = resolve_device(scenario.device)
     data = build_federated_data(scenario)
     plugin_specs = configured_plugins(scenario)
-    with Tracker(scenario) as tracker:
+    with Tracker(scenario, parent_run_id=parent_run_id) as tracker:
         runtime = build_runtime(scenario, data, device, tracker.artifact_dir)
         hooks = HookChain([cls(options, runtime) for _, cls, options in plugin_specs])
         federation = Federation(runtime, hooks, make_executor(scenario.federation.executor, hooks))
@@ -68,3 +76,10 @@ def run(
              "rounds": scenario.federation.rounds, "final": final}
         )
     return Result(scenario, frame, final, tracker.run_id, tracker.run_dir)
+
+
+def _combinations(scenario: Scenario) -> int:
+    count = 1
+    for options in scenario.matrix.values():
+        count *= len(options)
+    return count

@@ -203,6 +203,19 @@ class Scenario(Section):
     attacks: list[PluginSpec] = Field([], description="Attacks to run, each {name: ..., <options>}.")
     tracking: TrackingConfig = TrackingConfig()
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu.")
+    matrix: dict[str, list[Any]] | None = Field(
+        None,
+        description="fedsec sweep only: {field path: [alternatives]}; one run per combination "
+        "(e.g. {seed: [0, 1], defenses: [[], [{name: norm_clip}]]}).",
+    )
+
+    @field_validator("matrix")
+    @classmethod
+    def _matrix_lists(cls, value):
+        for path, options in (value or {}).items():
+            if not options:
+                raise ValueError(f"matrix.{path}: give at least one alternative")
+        return value
 
     def digest(self) -> str:
         """A stable hash of the resolved scenario, logged as a tag so identical runs can be found."""

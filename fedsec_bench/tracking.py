@@ -24,9 +24,12 @@ TRACKED_PACKAGES = ("fedsec-bench", "torch", "transformers", "peft", "opacus", "
 class Tracker:
     """Opens a run on entry; on exit marks it FINISHED, or FAILED with the traceback logged."""
 
-    def __init__(self, scenario: Scenario):
+    def __init__(self, scenario: Scenario, parent_run_id: str | None = None, kind: str = "run"):
         self.scenario = scenario
         self.config = scenario.tracking
+        self.parent_run_id = parent_run_id
+        self.kind = kind
+        """"run" for one scenario, "sweep" for the parent of a sweep's children."""
         self.client = None
         self.run_id: str | None = None
 
@@ -55,9 +58,10 @@ class Tracker:
         experiment_id = (
             experiment.experiment_id if experiment else self.client.create_experiment(self.config.experiment)
         )
-        run = self.client.create_run(
-            experiment_id, run_name=self.config.run_name or self.scenario.name, tags=run_tags(self.scenario)
-        )
+        tags = run_tags(self.scenario) | {"fedsec.kind": self.kind}
+        if self.parent_run_id:
+            tags["mlflow.parentRunId"] = self.parent_run_id  # MLflow's own nesting: the UI folds children under it
+        run = self.client.create_run(experiment_id, run_name=self.config.run_name or self.scenario.name, tags=tags)
         self.run_id = run.info.run_id
         try:
             self._log_params(flatten(self.scenario.model_dump(mode="json")))
@@ -81,6 +85,11 @@ class Tracker:
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         for start in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[start : start + 1000])
+
+    def log_table(self, frame, artifact_file: str) -> None:
+        """An MLflow table artifact (shown as a table in the UI's artifact view)."""
+        if self.client is not None:
+            self.client.log_table(self.run_id, data=frame, artifact_file=artifact_file)
 
     def write_summary(self, summary: dict) -> Path:
         """Atomically write summary.json: it exists only for runs that finished."""

@@ -134,3 +134,16 @@ def test_local_epochs_set_the_number_of_steps(tiny, register):
     tiny["data"]["canaries"] = {"count": 0}
     fedsec_bench.run(tiny)
     assert Recorder.local_steps == [8] * 4  # 2 epochs of ceil(16 / 5) batches, 2 clients x 2 rounds
+
+
+def test_local_training_reshuffles_every_epoch(tiny):
+    from fedsec_bench.client import epochs
+    from fedsec_bench.data.batching import Batcher
+    from fedsec_bench.models import train_byte_level_bpe
+
+    tokenizer = train_byte_level_bpe(["a b c"], 260)
+    loader = Batcher(tokenizer, 8, 2).loader([f"text {i}" for i in range(20)], seed=0)
+    batches = epochs(loader)
+    first = [next(batches)["input_ids"].tolist() for _ in range(10)]
+    second = [next(batches)["input_ids"].tolist() for _ in range(10)]
+    assert first != second  # a new order each epoch, not a replay of the first

@@ -1,0 +1,114 @@
+"""Sweeps: expand a scenario's ``matrix:`` and run every combination as a child of one MLflow run.
+
+Children run in worker processes (spawned, so each has its own torch state); one
+child failing is recorded (its own run is marked FAILED) and the others go on.
+Every combination is validated before the first one starts, so a bad alternative
+costs nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+from .errors import ScenarioError
+from .scenario import Scenario, apply_override, read_yaml, validate_scenario
+
+
+@dataclass
+class Child:
+    label: str
+    """Which alternatives this child takes, e.g. ``seed=1 defenses=norm_clip``."""
+    scenario: Scenario
+
+
+@dataclass
+class ChildOutcome:
+    label: str
+    status: str
+    run_id: str | None
+    error: str | None = None
+
+
+def expand(raw: dict, overrides: list[str] | None = None) -> tuple[Scenario, list[Child]]:
+    """The base scenario and one validated child per combination of the matrix."""
+    raw = json.loads(json.dumps(raw))
+    for item in overrides or []:
+        apply_override(raw, item)
+    base = validate_scenario(raw)
+    matrix = raw.pop("matrix", None) or {}
+    children, problems = [], []
+    for combo in itertools.product(*matrix.values()):
+        child_raw = json.loads(json.dumps(raw))
+        choice = dict(zip(matrix, combo))
+        for path, value in choice.items():
+            apply_override(child_raw, f"{path}={json.dumps(value)}")
+        label = " ".join(f"{path}={_short(value)}" for path, value in choice.items()) or base.name
+        child_raw.setdefault("tracking", {})["run_name"] = f"{base.name} [{label}]"
+        try:
+            children.append(Child(label, validate_scenario(child_raw)))
+        except ScenarioError as exc:
+            problems += [f"matrix combination [{label}]: {p}" for p in exc.problems]
+    if problems:
+        raise ScenarioError(problems)
+    return base, children
+
+
+def _short(value) -> str:
+    """A readable label for one alternative: plugin lists show their names."""
+    if isinstance(value, list) and all(isinstance(v, dict) and "name" in v for v in value):
+        return "+".join(v["name"] for v in value) or "none"
+    if isinstance(value, dict) and "name" in value:
+        return value["name"]
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def run_sweep(path: str | Path, overrides: list[str] | None, jobs: int, on_child=None):
+    """Run every child under a parent MLflow run; returns (parent run id, outcomes, comparison frame)."""
+    from .compare import compare_runs, log_comparison
+    from .tracking import Tracker
+
+    base, children = expand(read_yaml(path), overrides)
+    with Tracker(base, kind="sweep") as parent:
+        outcomes = _run_children(children, parent.run_id, jobs, on_child)
+        parent.log_metrics({"sweep.children": len(outcomes),
+                            "sweep.failed": sum(o.status == "FAILED" for o in outcomes)}, step=0)
+        ids = [o.run_id for o in outcomes if o.run_id]
+        frame = compare_runs(base.tracking.uri, run_ids=ids) if base.tracking.enabled and ids else None
+        if frame is not None:
+            log_comparison(frame, base.tracking.uri, parent.artifact_dir)
+            parent.log_table(frame, "comparison.json")
+        parent.write_summary({"scenario": base.name, "children": [o.__dict__ for o in outcomes]})
+    return parent.run_id, outcomes, frame
+
+
+def _run_children(children: list[Child], parent_run_id: str | None, jobs: int, on_child) -> list[ChildOutcome]:
+    outcomes = []
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(_run_child, child, parent_run_id): child for child in children}
+        for future in as_completed(futures):
+            child = futures[future]
+            try:
+                outcome = future.result()
+            except Exception as exc:  # the worker itself died: the child never reported back
+                outcome = ChildOutcome(child.label, "FAILED", None, f"worker died: {exc}")
+            outcomes.append(outcome)
+            if on_child:
+                on_child(outcome)
+    order = {c.label: i for i, c in enumerate(children)}
+    return sorted(outcomes, key=lambda o: order[o.label])
+
+
+def _run_child(child: Child, parent_run_id: str | None) -> ChildOutcome:
+    """Runs in a worker process. A crash is caught here: the child's own run is already FAILED."""
+    from .runner import run
+
+    try:
+        result = run(child.scenario, parent_run_id=parent_run_id)
+    except Exception as exc:
+        return ChildOutcome(child.label, "FAILED", None, f"{type(exc).__name__}: {exc}")
+    return ChildOutcome(child.label, "FINISHED", result.run_id)
