@@ -59,8 +59,8 @@ def local_steps(federation, num_examples: int) -> int:
     return federation.local_steps
 
 
-def client_round(client: ClientContext, global_state: State, hooks: HookChain) -> tuple[Message, ClientReport]:
-    """Train from the global state on the client's data and return what it sends (and our notes)."""
+def client_round(client: ClientContext, global_state: State, hooks: HookChain) -> tuple[Message | None, ClientReport]:
+    """Train from the global state on the client's data; return what it sends (None if lost) and our notes."""
     rt = client.runtime
     fed = rt.scenario.federation
     texts = hooks.client_data(client, rt.data.client_texts(client.client_id))

@@ -11,12 +11,11 @@ class LocalExecutor:
     def __init__(self, hooks: HookChain):
         self.hooks = hooks
 
-    def run_clients(self, round: RoundContext) -> list[tuple[Message, ClientReport]]:
+    def run_clients(self, round: RoundContext) -> list[tuple[Message | None, ClientReport]]:
         rt = round.runtime
-        return [
-            client_round(ClientContext(cid, round.round, rt.seed_for(round.round, cid), rt), round.global_state, self.hooks)
-            for cid in round.sampled
-        ]
+        contexts = [ClientContext(cid, round.round, rt.seed_for(round.round, cid), rt, peers=list(round.sampled))
+                    for cid in round.sampled]
+        return [client_round(client, round.global_state, self.hooks) for client in contexts]
 
 
 def make_executor(name: str, hooks: HookChain) -> LocalExecutor:

@@ -23,6 +23,8 @@ class Federation:
         started = time.perf_counter()
         round = RoundContext(rnd, self.rt, self.sample_clients(rnd), self.rt.trainable.snapshot())
         messages, round.reports = _unzip(self.executor.run_clients(round))
+        messages = [m for m in messages if m is not None]  # lost on the way: the server never sees them
+        round.delivered = [m.client_id for m in messages]
         messages = self.hooks.collusion(round, messages)
         metrics = self.hooks.server_observation(round, messages)
         aggregate = self.hooks.aggregation(round, messages)
@@ -52,6 +54,7 @@ class Federation:
         return {
             "train.loss": float(np.mean(losses)) if losses else float("nan"),
             "round.clients": float(len(messages)),
+            "fault.dropped_clients": float(len(round.sampled) - len(round.delivered)),
             "cost.bytes_up": float(np.mean(sent)) if sent else 0.0,
             "cost.bytes_up_total": float(sum(sent)),
             "cost.bytes_down": float(state_bytes),

@@ -28,6 +28,8 @@ class ClientContext:
     round: int
     seed: int
     runtime: Runtime
+    peers: list[int] = field(default_factory=list)
+    """The round's sampled clients, as the server announces them (secure aggregation masks against them)."""
     metrics: dict[str, float] = field(default_factory=dict)
     """Client-side hooks may record figures here; they reach round_end through the report."""
 
@@ -72,3 +74,5 @@ class RoundContext:
     sampled: list[int]
     global_state: State
     reports: list[ClientReport] = field(default_factory=list)
+    delivered: list[int] = field(default_factory=list)
+    """Clients whose message reached the server (a transport may lose one: a dropout)."""

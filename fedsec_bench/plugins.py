@@ -82,7 +82,8 @@ class Plugin:
     def client_update(self, client: ClientContext, update: State) -> State:
         return update
 
-    def transport(self, client: ClientContext, message: Message) -> Message:
+    def transport(self, client: ClientContext, message: Message) -> Message | None:
+        """Replace what goes on the wire; None means the message is lost (the client dropped out)."""
         return message
 
     # --- between the clients and the server ------------------------------------
@@ -224,9 +225,11 @@ class HookChain:
             update = p.client_update(client, update)
         return update
 
-    def transport(self, client: ClientContext, message: Message) -> Message:
+    def transport(self, client: ClientContext, message: Message) -> Message | None:
         for p in self.plugins:
             message = p.transport(client, message)
+            if message is None:
+                return None
         return message
 
     def collusion(self, round: RoundContext, messages: list[Message]) -> list[Message]:

@@ -16,6 +16,6 @@ def test_readme_scenario_reference_matches_the_schema():
 
 
 def test_every_registered_plugin_has_a_readme_section():
-    text = README.read_text()
-    missing = [name for name, cls in registry().items() if f"`{name}` ({cls.kind}" not in text]
-    assert not missing, f"README has no '### `name` (kind, ...)' section for: {missing}"
+    headings = [line for line in README.read_text().splitlines() if line.startswith("#")]
+    missing = [name for name in registry() if not any(f"`{name}`" in h for h in headings)]
+    assert not missing, f"README has no heading naming these plugins: {missing}"

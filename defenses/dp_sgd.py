@@ -1,0 +1,302 @@
+"""``dp_sgd``: sample-level differential privacy in each client's local training (DP-SGD through Opacus).
+
+DP-SGD (Abadi et al. 2016, "Deep Learning with Differential Privacy"), per step:
+sample a batch (Poisson, each example with probability q), compute every example's
+gradient g_i, clip it to ``max_grad_norm`` C (g_i · min(1, C/‖g_i‖)), add N(0, σ²C²I)
+to the sum and divide by the expected batch size q·n. The sampled Gaussian mechanism
+composed over the client's steps is accounted with Opacus (RDP, Mironov et al. 2019,
+or PRV, Gopi et al. 2021); each client has its own accountant, kept for the whole run,
+because each client runs its own mechanism on its own records.
+
+Per-example gradients come from Opacus' GradSampleModule in ``hooks`` mode (see
+:data:`GRAD_SAMPLE_MODE`). Three traps of Hugging Face + PEFT models are handled here,
+each checked against per-example backward passes in tests/test_dp_sgd.py:
+
+* the training loss. transformers' ``.loss`` is the mean over every token of the
+  batch, so one example's gradient is scaled by the other examples' lengths and
+  clipping no longer bounds one record's influence. We use the mean of per-example
+  token-mean losses instead, the decomposition Opacus' ``loss_reduction="mean"`` assumes;
+* GPT-2's position embeddings are looked up with ``position_ids`` of batch size 1 and
+  broadcast, so Opacus would see one "example"; we pass them with the batch's shape;
+* PEFT prompt tuning computes the soft prompt once (``prompt_tokens[:1]``) and repeats
+  it over the batch, so again Opacus sees one example and the "per-example" gradient
+  is the batch gradient (silently voiding the guarantee). We run the prompt encoder
+  on one row of prompt tokens per example (:func:`prompt_forward`) - the same
+  computation as PEFT's forward, verified equal in the tests.
+
+GPT-2's tied input/output embedding gets the sum of both uses' per-example gradients
+(Opacus accumulates a parameter's grad samples over the modules sharing it); its
+``Conv1D`` has no Opacus grad sampler and goes through Opacus' functorch fallback.
+
+The shared model is wrapped only while the client trains: hooks and every attribute
+Opacus adds to parameters are removed afterwards, so the next client, the server and
+the evaluation see the plain model.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import math
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from opacus import GradSampleModule
+from opacus.accountants import IAccountant, create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.optimizers import DPOptimizer
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from pydantic import Field, model_validator
+from torch.utils.data import DataLoader
+
+from fedsec_bench.client import LocalTraining, epochs, local_steps
+from fedsec_bench.data.batching import IGNORE_INDEX
+from fedsec_bench.messages import ClientContext
+from fedsec_bench.plugins import Options, Plugin
+
+GRAD_SAMPLE_MODE = {"full": "hooks", "lora": "hooks", "prompt": "hooks"}
+"""Opacus grad-sample mode per tuning mode (``functorch`` is the alternative, for comparison).
+
+``hooks`` computes per-example gradients of Linear/Embedding/LayerNorm layers in closed
+form from saved activations and backprops (one einsum per layer), the fastest mode:
+LoRA's trainable layers are all ``nn.Linear``; in ``full`` mode the layers Opacus has no
+formula for (GPT-2 ``Conv1D``, Llama ``RMSNorm``) fall back to functorch per layer, which
+``hooks`` mode does by itself; ``prompt`` trains one embedding. ``ew`` (expanded weights)
+supports neither Conv1D nor RMSNorm, so it is not offered.
+"""
+
+
+class DPSGDOptions(Options):
+    noise_multiplier: float | None = Field(
+        None, ge=0, description="σ: noise std / max_grad_norm. 0 = clipping only (ε = ∞). Set this or target_epsilon."
+    )
+    target_epsilon: float | None = Field(
+        None, gt=0, description="Calibrate σ per client so its ε after the whole scenario is at most this."
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="C: L2 bound on each example's gradient.")
+    delta: float | None = Field(
+        None, gt=0, lt=1, description="δ; default 1 / (2 · training examples of the whole federation)."
+    )
+    accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant: rdp (Mironov) or prv (Gopi).")
+    poisson_sampling: bool = Field(
+        True, description="Poisson batches (what the accountant assumes). false: shuffled fixed-size batches."
+    )
+    grad_sample_mode: Literal["auto", "hooks", "functorch"] = Field(
+        "auto", description="auto: GRAD_SAMPLE_MODE for the tuning mode; functorch for every layer otherwise."
+    )
+
+    @model_validator(mode="after")
+    def _one_noise_source(self) -> DPSGDOptions:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("set exactly one of noise_multiplier (σ) or target_epsilon (σ calibrated per client)")
+        return self
+
+
+@dataclass
+class ClientBudget:
+    """One client's DP-SGD mechanism and its accountant, kept across the rounds it takes part in."""
+
+    examples: int
+    sample_rate: float
+    noise_multiplier: float
+    accountant: IAccountant
+    steps: int = 0
+
+    def epsilon(self, delta: float) -> float:
+        if self.steps == 0:
+            return 0.0
+        if self.noise_multiplier == 0:
+            return math.inf
+        return float(self.accountant.get_epsilon(delta=delta))
+
+
+@functools.lru_cache(maxsize=256)
+def calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    """σ for which ``steps`` sampled-Gaussian steps at rate q spend at most target_epsilon (Opacus' search)."""
+    try:
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                steps=steps, accountant=accountant,
+            )
+        )
+    except ValueError:
+        raise ValueError(
+            f"target_epsilon={target_epsilon} is unreachable in {steps} steps at sample rate {sample_rate:.3g} "
+            f"with delta={delta:.3g} (even σ=1e6 spends more); raise target_epsilon or delta, or run fewer steps"
+        ) from None
+
+
+def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each example's mean next-token loss over its own tokens: one value per example."""
+    target = labels[:, 1:]
+    per_token = F.cross_entropy(logits[:, :-1].transpose(1, 2), target, reduction="none", ignore_index=IGNORE_INDEX)
+    counts = (target != IGNORE_INDEX).sum(1).clamp(min=1)
+    return per_token.sum(1) / counts
+
+
+def prompt_forward(peft_model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """PEFT prompt tuning's forward with one row of prompt tokens per example (logits of the real tokens).
+
+    PEFT's own forward encodes ``prompt_tokens[:1]`` and repeats the result, which
+    leaves the prompt embedding one activation row for the whole batch.
+    """
+    adapter = peft_model.active_adapter
+    virtual = peft_model.peft_config[adapter].num_virtual_tokens
+    batch = input_ids.shape[0]
+    tokens = peft_model.prompt_tokens[adapter].to(input_ids.device).unsqueeze(0).expand(batch, -1)
+    prompts = peft_model.prompt_encoder[adapter](tokens)
+    embeds = torch.cat([prompts.to(peft_model.word_embeddings.weight.dtype), peft_model.word_embeddings(input_ids)], 1)
+    mask = torch.cat([attention_mask.new_ones(batch, virtual), attention_mask], 1)
+    return peft_model.base_model(inputs_embeds=embeds, attention_mask=mask).logits[:, virtual:]
+
+
+def per_example_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], mode: str) -> torch.Tensor:
+    """The loss of each example, computed so that every trainable layer sees the batch dimension."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if mode == "prompt":
+        logits = prompt_forward(model, ids, mask)
+    else:
+        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    return sequence_losses(logits, batch["labels"])
+
+
+@dataclass
+class PrivateTraining(LocalTraining):
+    """The client's LocalTraining run as DP-SGD; the model is plain again when run() returns."""
+
+    budget: ClientBudget = None
+    max_grad_norm: float = 1.0
+    tuning_mode: str = "lora"
+    poisson: bool = True
+    functorch: bool = False
+    generator: torch.Generator = field(default_factory=torch.Generator)
+
+    def run(self) -> float:
+        wrapped = GradSampleModule(self.model, loss_reduction="mean", strict=False, force_functorch=self.functorch)
+        optimizer = DPOptimizer(
+            self.optimizer,
+            noise_multiplier=self.budget.noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            expected_batch_size=max(1, round(self.budget.sample_rate * self.budget.examples)),
+            loss_reduction="mean",
+        )
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.model.train()
+        total, nonempty = 0.0, 0
+        try:
+            for batch in islice(self.batches(), self.steps):
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                if batch["input_ids"].shape[0] == 0:  # a Poisson batch can be empty: noise only
+                    for p in params:
+                        p.grad_sample = p.new_zeros((0, *p.shape))
+                else:
+                    loss = per_example_losses(self.model, batch, self.tuning_mode).mean()
+                    loss.backward()
+                    total, nonempty = total + loss.item(), nonempty + 1
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                self.budget.accountant.step(
+                    noise_multiplier=self.budget.noise_multiplier, sample_rate=self.budget.sample_rate
+                )
+                self.budget.steps += 1
+        finally:
+            wrapped.cleanup()
+            release(self.model, params)
+        return total / max(nonempty, 1)
+
+    def batches(self):
+        if not self.poisson:
+            return epochs(self.loader)
+        sampler = UniformWithReplacementSampler(
+            num_samples=self.budget.examples, sample_rate=self.budget.sample_rate,
+            generator=self.generator, steps=self.steps,
+        )
+        return iter(DataLoader(self.loader.dataset, batch_sampler=sampler, collate_fn=self.loader.collate_fn))
+
+
+def release(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> None:
+    """Remove what Opacus leaves behind after its own cleanup: saved activations, clipped sums, gradients."""
+    for module in model.modules():
+        for attr in ("activations", "max_batch_len"):
+            if hasattr(module, attr):
+                delattr(module, attr)
+    for p in params:
+        for attr in ("summed_grad", "grad_sample", "_processed"):
+            if hasattr(p, attr):
+                delattr(p, attr)
+        p.grad = None
+
+
+class DPSGD(Plugin):
+    name = "dp_sgd"
+    kind = "defense"
+    summary = "DP-SGD in each client's local training (Opacus): per-example clipping, Gaussian noise, accounting"
+    OptionsModel = DPSGDOptions
+
+    def __init__(self, options: DPSGDOptions, runtime):
+        super().__init__(options, runtime)
+        self.budgets: dict[int, ClientBudget] = {}
+        self.delta = options.delta or 1.0 / (2 * sum(runtime.data.num_examples(c) for c in range(runtime.data.num_clients)))
+
+    @classmethod
+    def check(cls, options: DPSGDOptions, scenario) -> None:
+        """With target_epsilon, refuse at load time when a client of the nominal size could not reach it.
+
+        Only the synthetic corpus has a nominal client size; with files the same error comes at the
+        client's first round, from :meth:`budget`.
+        """
+        if options.target_epsilon is None or scenario.data.source != "synthetic":
+            return
+        fed, examples = scenario.federation, scenario.data.examples_per_client
+        delta = options.delta or 1.0 / (2 * examples * fed.num_clients)
+        steps = local_steps(fed, examples) * fed.rounds
+        calibrate(options.target_epsilon, delta, min(1.0, fed.batch_size / examples), steps, options.accountant)
+
+    def budget(self, client: ClientContext, examples: int, steps_per_round: int) -> ClientBudget:
+        """The client's mechanism, fixed at its first round; σ from target_epsilon assumes it trains every round."""
+        if client.client_id not in self.budgets:
+            fed = self.runtime.scenario.federation
+            rate = min(1.0, fed.batch_size / examples)
+            sigma = self.options.noise_multiplier
+            if sigma is None:
+                sigma = calibrate(
+                    self.options.target_epsilon, self.delta, rate, steps_per_round * fed.rounds, self.options.accountant
+                )
+            self.budgets[client.client_id] = ClientBudget(examples, rate, sigma, create_accountant(self.options.accountant))
+        return self.budgets[client.client_id]
+
+    def local_training(self, client: ClientContext, training: LocalTraining) -> LocalTraining:
+        budget = self.budget(client, len(training.loader.dataset), training.steps)
+        mode = self.runtime.scenario.tuning.mode
+        choice = GRAD_SAMPLE_MODE[mode] if self.options.grad_sample_mode == "auto" else self.options.grad_sample_mode
+        return PrivateTraining(
+            model=training.model, optimizer=training.optimizer, loader=training.loader, steps=training.steps,
+            device=training.device, budget=budget, max_grad_norm=self.options.max_grad_norm, tuning_mode=mode,
+            poisson=self.options.poisson_sampling, functorch=choice == "functorch",
+            generator=torch.Generator().manual_seed(client.seed),
+        )
+
+    def round_end(self, round, metrics):
+        table = self.table()
+        with open(self.runtime.artifact_dir / "dp_sgd_epsilon.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(table[0]) if table else ["client_id"])
+            writer.writeheader()
+            writer.writerows(table)
+        return {
+            "privacy.epsilon": max((row["epsilon"] for row in table), default=0.0),
+            "privacy.delta": self.delta,
+        }
+
+    def table(self) -> list[dict]:
+        """Per-client ε so far: one row per client that has trained."""
+        return [
+            {"client_id": cid, "examples": b.examples, "sample_rate": b.sample_rate,
+             "noise_multiplier": b.noise_multiplier, "steps": b.steps, "epsilon": b.epsilon(self.delta),
+             "delta": self.delta}
+            for cid, b in sorted(self.budgets.items())
+        ]

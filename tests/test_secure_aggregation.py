@@ -1,0 +1,189 @@
+"""secure_aggregation: masks cancel exactly, dropouts are recovered, a masked update reveals nothing;
+and the observer interface: the server-side probe reads nothing under either transport defense."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from fedsec_bench import run
+from fedsec_bench.aggregation import fedavg
+from fedsec_bench.defenses.secure_aggregation import (
+    ClientSecrets,
+    SecureAggregation,
+    SecureAggregationOptions,
+    decode,
+    encode,
+    prg,
+    unmask_sum,
+)
+from fedsec_bench.messages import ClientContext, Message, RoundContext
+from fedsec_bench.scenario import Scenario
+from fedsec_bench.updates import flatten
+from test_he_aggregation import best_of, one_thread  # noqa: F401  (one_thread is a fixture)
+
+BITS = 32
+ROUND = 1
+
+
+def masked_round(updates: dict[int, np.ndarray]) -> tuple[ClientSecrets, dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """Every client of ``updates`` encodes and masks its update; returns (secrets, encoded, masked)."""
+    secrets = ClientSecrets(scenario_seed=7)
+    participants = sorted(updates)
+    encoded = {i: encode(u, BITS) for i, u in updates.items()}
+    masked = {i: secrets.mask(ROUND, i, participants, x) for i, x in encoded.items()}
+    return secrets, encoded, masked
+
+
+def ring_sum(vectors: list[np.ndarray]) -> np.ndarray:
+    total = np.zeros_like(vectors[0])
+    for v in vectors:
+        total += v
+    return total
+
+
+@pytest.fixture
+def updates() -> dict[int, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {i: rng.normal(size=1000) * 0.01 for i in (0, 3, 4, 8, 9)}
+
+
+def test_masks_cancel_exactly_in_the_fixed_point_ring(updates):
+    secrets, encoded, masked = masked_round(updates)
+    total = unmask_sum(masked, secrets.reveal(ROUND, sorted(masked), dropped=[]))
+    assert np.array_equal(total, ring_sum(list(encoded.values())))  # bit-exact, not approximately
+    error = np.abs(decode(total, BITS) - sum(updates.values())).max()
+    assert error <= len(updates) * 2.0 ** -(BITS + 1)  # only the rounding of each encoding remains
+
+
+def test_a_client_dropping_out_after_masking_is_removed_with_the_survivors_seeds(updates):
+    secrets, encoded, masked = masked_round(updates)
+    dropped = 4
+    arrived = {i: y for i, y in masked.items() if i != dropped}
+    survivors = sorted(arrived)
+    without_recovery = unmask_sum(arrived, secrets.reveal(ROUND, survivors, dropped=[]))
+    recovered = unmask_sum(arrived, secrets.reveal(ROUND, survivors, dropped=[dropped]))
+    expected = ring_sum([encoded[i] for i in survivors])
+    assert not np.array_equal(without_recovery, expected)  # the dropped client's pairwise masks remain
+    assert np.array_equal(recovered, expected)
+    # The double mask: a late y_u, stripped of every pairwise mask the survivors revealed, is still masked by b_u.
+    revealed = secrets.reveal(ROUND, survivors, dropped=[dropped])
+    late = masked[dropped].copy()
+    for i in survivors:
+        stream = prg(revealed[(i, dropped)], late.size)
+        late = late - stream if dropped < i else late + stream
+    assert not np.array_equal(late, encoded[dropped])
+    assert np.array_equal(late - prg(secrets.self_seed(ROUND, dropped), late.size), encoded[dropped])
+
+
+def test_a_masked_update_is_statistically_unrelated_to_the_true_one():
+    """Masks are uniform on Z_(2^64), so y_i is independent of x_i: Pearson r ~ N(0, 1/d)."""
+    d = 20_000
+    rng = np.random.default_rng(1)
+    true = np.sin(np.arange(d) / 50.0) * 0.05 + rng.normal(size=d) * 0.01  # a structured update
+    _, encoded, masked = masked_round({0: true, 1: rng.normal(size=d) * 0.01})
+    assert np.corrcoef(decode(encoded[0], BITS), true)[0, 1] > 0.999  # the encoding alone keeps everything
+    r = np.corrcoef(decode(masked[0], BITS), true)[0, 1]
+    assert abs(r) < 4.5 / np.sqrt(d)  # 4.5 standard deviations of r under independence
+    top_bits = (masked[0] >> np.uint64(63)).mean()
+    assert abs(top_bits - 0.5) < 4.5 * 0.5 / np.sqrt(d)  # and the masked words look uniform
+
+
+def stub_runtime(num_clients: int, dropout_rate: float = 0.0):
+    federation = SimpleNamespace(num_clients=num_clients, clients_per_round=num_clients, sampling="uniform")
+    runtime = SimpleNamespace(scenario=SimpleNamespace(seed=0, federation=federation), seed_for=lambda *keys: 0)
+    return SecureAggregation(SecureAggregationOptions(dropout_rate=dropout_rate), runtime), runtime
+
+
+def plugin_round(plugin, runtime, counts: list[int]):
+    like = {"a": torch.zeros(10, 30), "b": torch.zeros(77)}
+    gen = torch.Generator().manual_seed(0)
+    plain = [
+        Message.plain(cid, n, {k: torch.randn(t.shape, generator=gen) * 0.01 for k, t in like.items()})
+        for cid, n in enumerate(counts)
+    ]
+    peers = list(range(len(counts)))
+    sent = [plugin.transport(ClientContext(m.client_id, ROUND, 0, runtime, peers=peers), m) for m in plain]
+    return like, plain, [m for m in sent if m is not None]  # a dropout's message is lost on the way
+
+
+@pytest.mark.parametrize("how", ["message_lost", "dropout_rate"])
+def test_plugin_aggregates_fedavg_of_the_survivors(how):
+    counts = [3, 5, 8, 2, 6, 4]
+    plugin, runtime = stub_runtime(len(counts), dropout_rate=0.5 if how == "dropout_rate" else 0.0)
+    like, plain, sent = plugin_round(plugin, runtime, counts)
+    if how == "message_lost":
+        sent = [m for m in sent if m.client_id != 2]
+    arrived = [m.client_id for m in sent]
+    survivors = [p for p in plain if p.client_id in arrived]
+    assert 0 < len(survivors) < len(counts)  # this seed drops some clients but not all
+    round = RoundContext(ROUND, runtime, list(range(len(counts))), like, delivered=arrived)
+    aggregate = plugin.aggregation(round, sent)
+    bound = len(survivors) * 2.0 ** -(BITS + 1) / sum(m.num_examples for m in survivors) + 1e-8  # + float32 rounding
+    assert (flatten(aggregate) - flatten(fedavg(survivors, like))).abs().max().item() < bound
+    assert plugin.round_end(round, {})["secagg.dropped_clients"] == len(counts) - len(survivors)
+    assert all(m.num_bytes == 8 * 377 for m in sent)  # one 64-bit word per value
+
+
+def test_an_update_outside_the_fixed_point_range_is_an_error():
+    plugin, runtime = stub_runtime(2)
+    message = Message.plain(0, 10, {"w": torch.full((4,), 2.0**30)})
+    with pytest.raises(ValueError, match="lower fractional_bits"):
+        plugin.transport(ClientContext(0, ROUND, 0, runtime, peers=[0, 1]), message)
+
+
+def test_refuses_plaintext_aggregators_and_single_client_rounds(tiny):
+    options = SecureAggregationOptions()
+    SecureAggregation.check(options, Scenario.model_validate(tiny))
+    krum = {**tiny, "federation": {**tiny["federation"], "aggregator": "krum"}}
+    with pytest.raises(ValueError, match=r"federation.aggregator=krum .* pairwise-masked vectors"):
+        SecureAggregation.check(options, Scenario.model_validate(krum))
+    alone = {**tiny, "federation": {**tiny["federation"], "clients_per_round": 1}}
+    with pytest.raises(ValueError, match="clients_per_round=1"):
+        SecureAggregation.check(options, Scenario.model_validate(alone))
+
+
+def test_server_observers_read_nothing_under_either_defense_and_the_model_trains_the_same(tiny, one_thread):
+    """The core's update_probe sees exactly the Message payloads: plain tensors, ciphertexts, masked words."""
+    tiny["tuning"] = {"mode": "full"}
+    tiny["federation"]["rounds"] = 1
+    tiny["attacks"] = [{"name": "update_probe"}]
+    finals = {}
+    for defense in (None, "he_aggregation", "secure_aggregation"):
+        tiny["defenses"] = [{"name": defense}] if defense else []
+        finals[defense] = run(tiny).final
+    assert finals[None]["probe.readable_fraction"] == 1.0
+    for defense in ("he_aggregation", "secure_aggregation"):
+        assert finals[defense]["probe.readable_fraction"] == 0.0
+        assert finals[defense]["utility.eval_loss"] == pytest.approx(finals[None]["utility.eval_loss"], abs=1e-5)
+    assert finals["secure_aggregation"]["cost.bytes_up"] == 2 * finals[None]["cost.bytes_up"]  # uint64 vs float32
+
+
+def test_overhead_against_plaintext_fedavg(benchmark, one_thread):
+    """The issue's benchmark: mask (all clients) + unmask vs plaintext FedAvg, 10 clients.
+
+    Run with ``pytest tests/test_secure_aggregation.py --benchmark-only -s``.
+    """
+    clients, size = 10, 100_000
+    plugin, runtime = stub_runtime(clients)
+    like = {"w": torch.zeros(size)}
+    plain = [Message.plain(c, 10 + c, {"w": torch.randn(size) * 0.01}) for c in range(clients)]
+    round = RoundContext(ROUND, runtime, list(range(clients)), like, delivered=list(range(clients)))
+    peers = list(range(clients))
+
+    def secure():
+        sent = [plugin.transport(ClientContext(m.client_id, ROUND, 0, runtime, peers=peers), m) for m in plain]
+        plugin.aggregation(round, sent)
+
+    benchmark.pedantic(secure, rounds=5)
+    secure_s, plain_s = benchmark.stats.stats.min, best_of(lambda: fedavg(plain, like), 5)
+    one_client_s = best_of(lambda: plugin.transport(ClientContext(0, ROUND, 0, runtime, peers=peers), plain[0]), 5)
+    figures = {"secure_s": secure_s, "fedavg_s": plain_s, "overhead_ratio": secure_s / plain_s,
+               "one_client_mask_s": one_client_s, "server_unmask_s": plugin.round_end(round, {})["cost.secagg_unmask_s"],
+               "bytes_per_param": 8.0}
+    benchmark.extra_info.update(figures)
+    print("\n", {k: f"{v:.3g}" for k, v in figures.items()})
