@@ -75,3 +75,10 @@ def pretrained_tiny(tmp_path_factory):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+def pytest_configure(config):
+    """Tiny models run fastest on one thread; more only contend (and oversubscribe spawned workers)."""
+    import torch
+
+    torch.set_num_threads(1)

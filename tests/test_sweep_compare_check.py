@@ -165,22 +165,28 @@ def test_a_figure_is_judged_in_its_direction(direction, now, verdict):
     assert judge("m", figure, now).verdict == verdict
 
 
-def weakened_copy(tmp_path, overrides) -> Path:
+def weakened_copy(tmp_path, overrides, name="clipped_probe") -> Path:
+    """A copy of a project baseline whose scenario runs with ``overrides`` (a deliberately weakened defense)."""
     folder = tmp_path / "baselines"
     folder.mkdir()
-    raw = json.loads(BASELINE.read_text())
+    raw = json.loads((BASELINE.parent / f"{name}.json").read_text())
     raw["scenario"] = str(ROOT / raw["scenario"])
     raw["overrides"] = overrides
-    (folder / "clipped_probe.json").write_text(json.dumps(raw))
+    (folder / f"{name}.json").write_text(json.dumps(raw))
     return folder
 
 
-def test_weakening_the_defense_fails_the_check_naming_the_metric(tmp_path, capsys):
-    folder = weakened_copy(tmp_path, ["defenses[0].max_norm=100"])  # clipping effectively off
+@pytest.mark.parametrize(
+    ("name", "weakening", "metric"),
+    [("clipped_probe", "defenses[0].max_norm=100", "probe.update_norm_max"),  # clipping effectively off
+     ("dp_ci", "defenses[1].noise_multiplier=0", "privacy.user_epsilon")],  # DP-FedAvg without noise
+)
+def test_weakening_a_defense_fails_the_check_naming_the_metric(tmp_path, capsys, name, weakening, metric):
+    folder = weakened_copy(tmp_path, [weakening], name)
     code, out, _ = cli(capsys, "check", "--baselines", str(folder))
     assert code == 1
-    assert "1 regressed: clipped_probe:probe.update_norm_max" in out
-    row = next(line for line in out.splitlines() if line.startswith("clipped_probe  probe.update_norm_max"))
+    assert f"1 regressed: {name}:{metric}" in out
+    row = next(line for line in out.splitlines() if line.split()[:2] == [name, metric])
     assert row.endswith("REGRESSED")
 
 
