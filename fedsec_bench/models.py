@@ -77,6 +77,7 @@ def make_model(config: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: in
 
 def _build(config: ModelConfig, vocab: int, eos_id: int) -> PreTrainedModel:
     if config.arch == "gpt2":
+        dropout = {} if config.dropout is None else {k: config.dropout for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
         return GPT2LMHeadModel(
             GPT2Config(
                 n_layer=config.layers,
@@ -86,6 +87,7 @@ def _build(config: ModelConfig, vocab: int, eos_id: int) -> PreTrainedModel:
                 n_positions=config.max_positions,
                 bos_token_id=eos_id,
                 eos_token_id=eos_id,
+                **dropout,
             )
         )
     return LlamaForCausalLM(
@@ -97,6 +99,7 @@ def _build(config: ModelConfig, vocab: int, eos_id: int) -> PreTrainedModel:
             intermediate_size=config.intermediate or 4 * config.hidden,
             vocab_size=vocab,
             max_position_embeddings=config.max_positions,
+            attention_dropout=config.dropout or 0.0,
             bos_token_id=eos_id,
             eos_token_id=eos_id,
             tie_word_embeddings=False,

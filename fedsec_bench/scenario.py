@@ -53,6 +53,10 @@ class ModelConfig(Section):
     intermediate: int | None = Field(None, ge=8, description="llama MLP width; defaults to 4*hidden.")
     vocab: int | None = Field(None, ge=8, description="Defaults to the tokenizer's vocabulary size.")
     max_positions: int = Field(256, ge=8, description="Longest sequence the built model accepts.")
+    dropout: float | None = Field(
+        None, ge=0, lt=1, description="Dropout of the built model (GPT-2's pdrop, Llama's attention dropout); "
+        "None: the architecture's default (GPT-2 0.1, Llama 0). 0 is the best case for gradient inversion."
+    )
     tokenizer: TokenizerConfig = TokenizerConfig()
     pretrain: PretrainConfig = PretrainConfig()
 

@@ -1,0 +1,170 @@
+"""``gradient_inversion``: the honest-but-curious server reads client text back from updates.
+
+The server observes exactly the messages the transport delivered. A plain update is
+turned into a pseudo-gradient (-update / lr; exact in FedSGD, one local SGD step) and
+attacked with one of three methods:
+
+* ``token_leak``   - the batch's token set from the embedding gradient (token_leak.py);
+* ``optimization`` - TAG/LAMP gradient matching over soft tokens (optimization.py);
+* ``span_check``   - DAGER's exact span test on linear-layer gradients (span_check.py).
+
+A payload that is not a plain tensor dict (ciphertexts, masked vectors) cannot be
+read: it is counted in ``inversion.unreadable_clients`` and no per-client score is
+logged for it. When no individual update was readable, the attack is run once on
+the aggregate the server does learn (``inversion.aggregate.*``), scored against the
+union of the sampled clients' batches. Every attacked batch is written, true and
+reconstructed text side by side, to ``inversion_table.csv`` in the run's artifacts.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from fedsec_bench.client import local_steps
+from fedsec_bench.messages import Message, RoundContext, State
+from fedsec_bench.plugins import Options, Plugin
+
+from . import metrics
+from .ground_truth import trained_sequences
+from .model_view import FIRST_LINEAR, ModelView, PseudoGradient, exact_gradient, pseudo_gradient, readable
+from .optimization import optimization
+from .result import Reconstruction
+from .span_check import span_check
+from .token_leak import token_leak
+
+TABLE = "inversion_table.csv"
+
+
+class GradientInversionOptions(Options):
+    method: Literal["token_leak", "optimization", "span_check"] = Field(
+        "span_check", description="token_leak: token set; optimization: TAG/LAMP; span_check: DAGER."
+    )
+    clients: list[int] | None = Field(None, description="Client ids to attack; None: every sampled client.")
+    rounds: list[int] | None = Field(None, description="Rounds to attack (1-based); None: every round.")
+    max_clients_per_round: int | None = Field(None, ge=1, description="Attack at most this many clients a round.")
+    attack_aggregate: bool = Field(True, description="Attack the aggregate when no single update is readable.")
+    time_budget_s: float = Field(60.0, gt=0, description="optimization: wall-clock budget per attacked batch.")
+    iterations: int = Field(200, ge=1, description="optimization: gradient steps on the soft tokens.")
+    attack_lr: float = Field(0.1, gt=0, description="optimization: Adam step size on the token logits.")
+    l2_weight: float = Field(0.0, ge=0, description="optimization: weight of the normalised L2 term (TAG).")
+    l1_weight: float = Field(0.0, ge=0, description="optimization: weight of the normalised L1 term (TAG).")
+    use_token_set: bool = Field(True, description="optimization: restrict tokens to token_leak's set if readable.")
+    reorder_steps: int = Field(20, ge=0, description="optimization: LAMP discrete swap/move proposals.")
+    lm_prior_weight: float = Field(0.2, ge=0, description="optimization: weight of the global model's NLL.")
+    length_candidates: int = Field(5, ge=1, description="optimization: lengths tried when none can be read.")
+    rank_tolerance: float = Field(
+        2.0, gt=0, description="Singular values below this multiple of the float32 rounding noise count as zero."
+    )
+    span_tolerance: float = Field(1e-3, gt=0, lt=1, description="span_check: relative distance to the span that passes.")
+    max_prefixes: int = Field(256, ge=1, description="span_check: stop extending beyond this many live prefixes.")
+
+
+class GradientInversion(Plugin):
+    name = "gradient_inversion"
+    kind = "attack"
+    summary = "honest-but-curious server reconstructs client text from updates (token_leak, optimization, span_check)"
+    OptionsModel = GradientInversionOptions
+
+    def __init__(self, options, runtime):
+        super().__init__(options, runtime)
+        self.rows: list[dict] = []
+        self.pending_aggregate: list[Message] | None = None
+        self.aggregate_figures: dict[str, float] = {}
+
+    @classmethod
+    def check(cls, options, scenario) -> None:
+        mode, arch = scenario.tuning.mode, scenario.model.arch
+        if options.method != "optimization" and mode == "prompt":
+            raise ValueError(
+                f"method={options.method} reads the embedding or a linear layer's gradient, and prompt mode "
+                "exchanges only the soft prompt; use method=optimization"
+            )
+        if options.method != "optimization" and arch is not None and arch not in FIRST_LINEAR:
+            raise ValueError(f"method={options.method} supports model.arch {', '.join(FIRST_LINEAR)}")
+        fed = scenario.federation
+        bad = [c for c in options.clients or [] if not 0 <= c < fed.num_clients]
+        if bad:
+            raise ValueError(f"clients: {bad} are not client ids (0..{fed.num_clients - 1})")
+        bad = [r for r in options.rounds or [] if not 1 <= r <= fed.rounds]
+        if bad:
+            raise ValueError(f"rounds: {bad} are not rounds of this run (1..{fed.rounds})")
+
+    # --- hooks ---------------------------------------------------------------------
+    def server_observation(self, round: RoundContext, messages: list[Message]) -> dict[str, float] | None:
+        if self.options.rounds is not None and round.round not in self.options.rounds:
+            return None
+        chosen = [m for m in messages if self.options.clients is None or m.client_id in self.options.clients]
+        plain = [m for m in chosen if readable(m, round.global_state)][: self.options.max_clients_per_round]
+        fed = self.runtime.scenario.federation
+        figures = {"inversion.attacked_clients": float(len(plain)),
+                   "inversion.unreadable_clients": float(len(chosen) - len(plain)),
+                   "inversion.exact_gradient": float(exact_gradient(fed, [m.num_examples for m in chosen]))}
+        if not plain:
+            self.pending_aggregate = messages if (chosen and self.options.attack_aggregate) else None
+            return figures
+        view = ModelView(self.runtime, round.global_state)
+        rows = [self._attack(view, round, [m.client_id], m.payload, messages=[m]) for m in plain]
+        self._write_table()
+        return figures | metrics.summarize(rows, "inversion")
+
+    def post_aggregation(self, round: RoundContext, aggregate: State) -> State:
+        """Under secure or encrypted aggregation the server still learns the aggregate: attack that."""
+        messages, self.pending_aggregate = self.pending_aggregate, None
+        if messages and isinstance(aggregate, dict):
+            view = ModelView(self.runtime, round.global_state)
+            row = self._attack(view, round, [m.client_id for m in messages], aggregate, messages)
+            self._write_table()
+            self.aggregate_figures = metrics.summarize([row], "inversion.aggregate")
+        return aggregate
+
+    def round_end(self, round: RoundContext, metrics_so_far: dict[str, float]) -> dict[str, float] | None:
+        figures, self.aggregate_figures = self.aggregate_figures, {}
+        return figures or None
+
+    # --- one attack ----------------------------------------------------------------
+    def _attack(self, view: ModelView, round: RoundContext, clients: list[int], update: State, messages) -> dict:
+        rt, fed = self.runtime, self.runtime.scenario.federation
+        num_examples = max(m.num_examples for m in messages)
+        grad = pseudo_gradient(update, round.global_state, fed, num_examples)
+        truth = [seq for cid in clients for seq in trained_sequences(rt, round.round, cid)]
+        batch = sum(min(fed.batch_size * local_steps(fed, m.num_examples), m.num_examples) for m in messages)
+        seed = rt.seed_for(round.round, *clients)
+        started = time.perf_counter()
+        result = self._run_method(view, grad, batch, seed)
+        seconds = time.perf_counter() - started
+        special = set(rt.tokenizer.all_special_ids)  # the batcher adds them: structure, not private text
+        guess = [[t for t in seq if t not in special] for seq in result.sequences]
+        figures, true_text, guess_text = metrics.score(rt.tokenizer, truth, guess)
+        row = {
+            "round": round.round, "client": clients[0] if len(clients) == 1 else "aggregate",
+            "method": self.options.method, **figures,
+            "baseline_rouge1": metrics.random_baseline(rt.tokenizer, truth, np.random.default_rng(seed)),
+            "seconds": seconds, "applicable": float(result.applicable), "rank": result.rank,
+            "rank_condition": None if result.rank_condition is None else float(result.rank_condition),
+            **result.notes, "true_text": true_text, "reconstructed_text": guess_text,
+        }
+        self.rows.append(row)
+        return row
+
+    def _run_method(self, view: ModelView, grad: PseudoGradient, batch: int, seed: int) -> Reconstruction:
+        o, positions = self.options, self.runtime.scenario.data.seq_len
+        if o.method == "span_check":
+            return span_check(view, grad, positions, o)
+        if o.method == "token_leak":
+            return token_leak(view, grad, positions, o)
+        tokens = None
+        if o.use_token_set and view.embedding_name in grad:
+            leaked = token_leak(view, grad, positions, o)
+            special = set(view.tokenizer.all_special_ids)
+            if leaked.rank_condition is not False:  # a set read past its condition would mislead
+                tokens = [t for t in leaked.sequences[0] if t not in special] or None
+        return optimization(view, grad, positions, o, tokens, batch, seed)
+
+    def _write_table(self) -> None:
+        pd.DataFrame(self.rows).to_csv(self.runtime.artifact_dir / TABLE, index=False)
+
