@@ -1,0 +1,444 @@
+"""Byzantine-robust aggregation rules, as ``federation.aggregator`` plugins.
+
+Each rule is a pure function over the round's updates stacked into one matrix
+``X`` of shape (n clients, d values) (flattened with :func:`fedsec_bench.updates.flatten`),
+vectorised in torch, returning the aggregate and each client's *share* of it. The
+plugins wrap them: they refuse impossible parameters at load time, stack the plain
+updates, and report which clients each rule kept.
+
+A client's share is the coefficient its own update carries in the aggregate,
+normalised to sum to 1 over the round (for the coordinate-wise rules: the fraction
+of the kept coordinate values that are its own). A client whose share is below the
+plain mean's 1/n was *excluded or down-weighted*; with the simulator's ground truth
+of who attacked (``poison.malicious`` in the client reports, recorded client-side by
+the poisoning attacks, never seen by the rule) this gives the precision and recall
+of excluding the truly malicious clients.
+
+The rules are unweighted, as in their papers (a client's example count does not
+change its vote), except ``geomedian`` whose RFA definition weights by examples.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+
+import torch
+from pydantic import Field, StrictFloat, StrictInt
+
+from fedsec_bench.attacks.poisoning import MALICIOUS_KEY
+from fedsec_bench.messages import Message, RoundContext, State
+from fedsec_bench.plugins import Options, Plugin, get_plugin
+from fedsec_bench.updates import flatten, unflatten
+
+
+@dataclass
+class Robust:
+    aggregate: torch.Tensor
+    """(d,) the aggregated update."""
+    share: torch.Tensor
+    """(n,) each client's share of the aggregate; sums to 1."""
+
+
+# --------------------------------------------------------------------------- distance-based selection
+
+
+def pairwise_sq_distances(X: torch.Tensor) -> torch.Tensor:
+    """(n, n) squared Euclidean distances, through one Gram matrix of the centred updates.
+
+    Centring first (distances do not change) keeps the ||a||² + ||b||² − 2ab form from
+    cancelling catastrophically when updates share a large common part.
+    """
+    centred = X - X.mean(0)
+    gram = centred @ centred.T
+    sq = gram.diagonal()
+    dist = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0)
+    return dist.fill_diagonal_(0)
+
+
+def krum_scores(dist: torch.Tensor, f: int, min_neighbours: int = 0) -> torch.Tensor:
+    """Krum's score of each update: sum of squared distances to its n − f − 2 nearest others."""
+    n = dist.shape[0]
+    k = max(n - f - 2, min_neighbours)
+    others = dist + torch.diag(torch.full((n,), float("inf"), dtype=dist.dtype, device=dist.device))
+    return others.topk(k, dim=1, largest=False).values.sum(1)
+
+
+def multikrum(X: torch.Tensor, f: int, m: int) -> Robust:
+    """Multi-Krum (Blanchard et al. 2017, "Machine learning with adversaries").
+
+    score(i) = Σ_{j ∈ N(i)} ||V_i − V_j||², N(i) the n − f − 2 updates closest to V_i
+    (j ≠ i); the output is the plain average of the m updates with the lowest scores
+    (ties: lower client index first). m = 1 is Krum, m = n is the mean. Needs n ≥ 2f + 3.
+    """
+    scores = krum_scores(pairwise_sq_distances(X), f)
+    chosen = torch.argsort(scores, stable=True)[:m]
+    share = torch.zeros(X.shape[0], dtype=X.dtype, device=X.device)
+    share[chosen] = 1.0 / m
+    return Robust(X[chosen].mean(0), share)
+
+
+def krum(X: torch.Tensor, f: int) -> Robust:
+    """Krum (Blanchard et al. 2017): the single update with the lowest Krum score."""
+    return multikrum(X, f, 1)
+
+
+# --------------------------------------------------------------------------- coordinate-wise order statistics
+
+
+def trimmed_mean(X: torch.Tensor, b: int) -> Robust:
+    """Coordinate-wise trimmed mean (Yin et al. 2018): per coordinate, drop the b largest
+    and b smallest values and average the remaining n − 2b. Needs n − 2b ≥ 1."""
+    n = X.shape[0]
+    values, owner = X.sort(dim=0)
+    return _kept(values[b : n - b], owner[b : n - b], n)
+
+
+def median(X: torch.Tensor) -> Robust:
+    """Coordinate-wise median (Yin et al. 2018); the mean of the two middle values when n is even.
+
+    It is the trimmed mean with b = ⌊(n − 1) / 2⌋: one value (n odd) or two (n even) kept.
+    """
+    return trimmed_mean(X, (X.shape[0] - 1) // 2)
+
+
+def _kept(values: torch.Tensor, owner: torch.Tensor, n: int) -> Robust:
+    """Average the kept values per coordinate; a client's share is its fraction of them."""
+    counts = torch.bincount(owner.reshape(-1), minlength=n).to(values.dtype)
+    return Robust(values.mean(0), counts / owner.numel())
+
+
+# --------------------------------------------------------------------------- Bulyan
+
+
+def bulyan(X: torch.Tensor, f: int) -> Robust:
+    """Bulyan (El Mhamdi et al. 2018, "The hidden vulnerability of distributed learning in Byzantium").
+
+    1. Selection: θ = n − 2f times, run Krum on the updates not yet selected and move
+       its choice to the selection set S (so S holds θ updates).
+    2. Aggregation: β = θ − 2f; for each coordinate, average the β values of S closest
+       to the coordinate's median over S.
+
+    Needs n ≥ 4f + 3 (so β ≥ 3). Krum over r remaining updates scores with the
+    r − f − 2 nearest others; in the last selections r falls to 2f + 1 where that
+    count is below one, and the score then uses the single nearest other.
+    """
+    n = X.shape[0]
+    theta, beta = n - 2 * f, n - 4 * f
+    dist = pairwise_sq_distances(X)
+    remaining = list(range(n))
+    chosen: list[int] = []
+    for _ in range(theta):
+        idx = torch.tensor(remaining, device=X.device)
+        scores = krum_scores(dist[idx][:, idx], f, min_neighbours=1 if len(remaining) > 1 else 0)
+        chosen.append(remaining.pop(int(torch.argmin(scores))))
+    selected = torch.tensor(chosen, device=X.device)
+    S = X[selected]
+    centre = median(S).aggregate
+    closest = (S - centre).abs().topk(beta, dim=0, largest=False).indices
+    return _kept(S.gather(0, closest), selected[closest], n)
+
+
+# --------------------------------------------------------------------------- clipping and the geometric median
+
+
+def norm_bound(X: torch.Tensor, max_norm: float) -> Robust:
+    """Norm thresholding (Sun et al. 2019, "Can you really backdoor federated learning?").
+
+    Each update is scaled by min(1, M / ||Δw_k||) and the scaled updates are averaged.
+    (The paper's "weak DP" Gaussian noise is added by the plugin.)
+    """
+    scale = (max_norm / X.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
+    return Robust(scale @ X / X.shape[0], scale / scale.sum())
+
+
+def centered_clip(X: torch.Tensor, start: torch.Tensor, tau: float, iterations: int) -> Robust:
+    """Centered clipping (Karimireddy, He & Jaggi 2021, "Learning from history for Byzantine robust optimization").
+
+    v_0 = ``start`` (the previous round's aggregate: the "history");
+    v_{l+1} = v_l + (1/n) Σ_i (x_i − v_l) · min(1, τ / ||x_i − v_l||), for L iterations.
+    A client's share is its clipping factor min(1, τ / ||x_i − v||) in the last iteration.
+    """
+    v = start
+    for _ in range(iterations):
+        diff = X - v
+        factor = (tau / diff.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
+        v = v + factor @ diff / X.shape[0]
+    return Robust(v, factor / factor.sum())
+
+
+def geomedian(X: torch.Tensor, alpha: torch.Tensor, nu: float, max_iter: int, ftol: float) -> Robust:
+    """Geometric median by the smoothed Weiszfeld algorithm (RFA; Pillutla, Kakade & Harchaoui 2022).
+
+    Minimises g(v) = Σ_i α_i ||v − w_i|| (α the clients' example counts, normalised),
+    from v_0 = Σ α_i w_i, by v ← Σ β_i w_i / Σ β_i with β_i = α_i / max(ν, ||v − w_i||);
+    stops after ``max_iter`` updates or when g improves by less than ``ftol`` · g.
+    A client's share is β_i / Σ β in the last update.
+    """
+    alpha = alpha / alpha.sum()
+    v = alpha @ X
+    distance = (X - v).norm(dim=1)
+    objective = alpha @ distance
+    share = alpha
+    for _ in range(max_iter):
+        beta = alpha / distance.clamp_min(nu)
+        share = beta / beta.sum()
+        v = share @ X
+        distance = (X - v).norm(dim=1)
+        previous, objective = objective, alpha @ distance
+        if abs(previous - objective) < ftol * objective:
+            break
+    return Robust(v, share)
+
+
+# --------------------------------------------------------------------------- plugins
+
+
+class FOptions(Options):
+    f: int = Field(1, ge=0, description="Number of Byzantine clients per round the rule tolerates.")
+
+
+class RobustAggregator(Plugin):
+    """Stacks the plain updates, applies :meth:`rule`, and reports each client's share.
+
+    Figures (per round): ``robust.selected`` (clients kept at ≥ the mean's 1/n share),
+    ``robust.malicious_share`` (share of the aggregate from clients that truly
+    attacked; lower is better), ``robust.exclusion_precision`` and
+    ``robust.exclusion_recall`` (of excluding or down-weighting exactly the truly
+    malicious clients; higher is better, absent when undefined). The per-client table
+    ``robust_selection.csv`` goes to the artifacts.
+    """
+
+    kind = "aggregator"
+
+    def __init__(self, options, runtime):
+        super().__init__(options, runtime)
+        self.shares: dict[int, float] = {}
+        self.rows: list[dict] = []
+
+    def rule(self, X: torch.Tensor, messages: list[Message]) -> Robust:
+        raise NotImplementedError
+
+    @classmethod
+    def condition(cls, options: Options, n: int) -> str | None:
+        """Why this rule cannot run on n updates, or None."""
+
+    @classmethod
+    def check(cls, options: Options, scenario) -> None:
+        problem = cls.condition(options, scenario.federation.clients_per_round)
+        if problem:
+            raise ValueError(f"{problem} (n = federation.clients_per_round)")
+        for i, spec in enumerate(scenario.defenses):
+            try:
+                defense = get_plugin(spec.name, "defense")
+            except ValueError:
+                continue  # reported by the defense's own check
+            if "aggregation" in defense.hooks():
+                raise ValueError(
+                    f"defenses[{i}] ({spec.name}) aggregates the round itself (encrypted or masked updates), "
+                    f"so {cls.name} would never see a plain update; drop one of them"
+                )
+
+    def aggregation(self, round: RoundContext, messages: list[Message]) -> State:
+        for m in messages:
+            if not isinstance(m.payload, dict):
+                raise TypeError(
+                    f"{self.name} needs each client's plain update, but client {m.client_id} sent a "
+                    f"{type(m.payload).__name__}: robust rules cannot run on encrypted or masked updates"
+                )
+        if not messages:
+            self.shares = {}
+            return {k: torch.zeros_like(t) for k, t in round.global_state.items()}
+        problem = self.condition(self.options, len(messages))
+        if problem:
+            raise ValueError(f"round {round.round}: {problem}")
+        X = torch.stack([flatten(m.payload) for m in messages])
+        result = self.rule(X, messages)
+        self.shares = {m.client_id: float(s) for m, s in zip(messages, result.share)}
+        return unflatten(result.aggregate, like=round.global_state)
+
+    def round_end(self, round: RoundContext, metrics: dict[str, float]) -> dict[str, float]:
+        if not self.shares:
+            return {}
+        figures, rows = selection_figures(self.shares, malicious_clients(round) & self.shares.keys())
+        self.rows.extend({"round": round.round, **row} for row in rows)
+        return figures
+
+    def training_end(self, runtime) -> None:
+        if self.rows:
+            with open(runtime.artifact_dir / "robust_selection.csv", "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=list(self.rows[0]))
+                writer.writeheader()
+                writer.writerows(self.rows)
+
+
+def malicious_clients(round: RoundContext) -> set[int]:
+    """Ground truth from the simulator-side reports: who attacked this round (delivered or not)."""
+    return {r.client_id for r in round.reports if r.metrics.get(MALICIOUS_KEY, 0.0) > 0}
+
+
+def selection_figures(shares: dict[int, float], malicious: set[int]) -> tuple[dict[str, float], list[dict]]:
+    """Figures and per-client rows from the clients' shares and the truly malicious set."""
+    n = len(shares)
+    excluded = {cid for cid, s in shares.items() if s < (1 - 1e-6) / n}
+    caught = len(excluded & malicious)
+    figures = {
+        "robust.selected": float(n - len(excluded)),
+        "robust.malicious_share": float(sum(shares[c] for c in malicious if c in shares)),
+    }
+    if excluded:
+        figures["robust.exclusion_precision"] = caught / len(excluded)
+    if malicious:
+        figures["robust.exclusion_recall"] = caught / len(malicious)
+    rows = [
+        {"client_id": cid, "share": s, "excluded": cid in excluded, "malicious": cid in malicious}
+        for cid, s in shares.items()
+    ]
+    return figures, rows
+
+
+class Krum(RobustAggregator):
+    name = "krum"
+    summary = "the one update closest to its n − f − 2 nearest others (Blanchard et al. 2017)"
+    OptionsModel = FOptions
+
+    @classmethod
+    def condition(cls, options, n):
+        if n < 2 * options.f + 3:
+            return f"{cls.name} needs n ≥ 2f+3: got n={n}, f={options.f}"
+
+    def rule(self, X, messages):
+        return krum(X, self.options.f)
+
+
+class MultiKrumOptions(FOptions):
+    m: int | None = Field(None, ge=1, description="How many lowest-score updates to average; default n − f.")
+
+
+class MultiKrum(Krum):
+    name = "multikrum"
+    summary = "average of the m updates with the lowest Krum scores (Blanchard et al. 2017)"
+    OptionsModel = MultiKrumOptions
+
+    @classmethod
+    def condition(cls, options, n):
+        if options.m is not None and options.m > n:
+            return f"multikrum needs m ≤ n: got n={n}, m={options.m}"
+        return super().condition(options, n)
+
+    def rule(self, X, messages):
+        m = self.options.m if self.options.m is not None else X.shape[0] - self.options.f
+        return multikrum(X, self.options.f, m)
+
+
+class Median(RobustAggregator):
+    name = "median"
+    summary = "coordinate-wise median (Yin et al. 2018)"
+
+    def rule(self, X, messages):
+        return median(X)
+
+
+class TrimmedMeanOptions(Options):
+    trim: StrictInt | StrictFloat = Field(
+        0.1, ge=0, description="Trimmed from each end per coordinate: a fraction β < 0.5 (float) or a count b (int)."
+    )
+
+
+class TrimmedMean(RobustAggregator):
+    name = "trimmed_mean"
+    summary = "coordinate-wise mean after dropping the b largest and b smallest values (Yin et al. 2018)"
+    OptionsModel = TrimmedMeanOptions
+
+    @staticmethod
+    def count(trim: int | float, n: int) -> int:
+        """b = trim for a count; ⌊β·n⌋ for a fraction β (Yin et al.)."""
+        return trim if isinstance(trim, int) else int(trim * n)
+
+    @classmethod
+    def condition(cls, options, n):
+        trim = options.trim
+        if isinstance(trim, float) and trim >= 0.5:
+            return f"trimmed_mean needs a fraction trim < 0.5: got trim={trim}"
+        b = cls.count(trim, n)
+        if n - 2 * b < 1:
+            return f"trimmed_mean needs n − 2b ≥ 1: got n={n}, b={b}"
+
+    def rule(self, X, messages):
+        return trimmed_mean(X, self.count(self.options.trim, X.shape[0]))
+
+
+class Bulyan(RobustAggregator):
+    name = "bulyan"
+    summary = "repeated Krum selection, then a coordinate-wise average around the median (El Mhamdi et al. 2018)"
+    OptionsModel = FOptions
+
+    @classmethod
+    def condition(cls, options, n):
+        if n < 4 * options.f + 3:
+            return f"bulyan needs n ≥ 4f+3: got n={n}, f={options.f}"
+
+    def rule(self, X, messages):
+        return bulyan(X, self.options.f)
+
+
+class NormBoundOptions(Options):
+    max_norm: float = Field(1.0, gt=0, description="M: each update is scaled down to L2 norm ≤ M.")
+    noise_std: float = Field(0.0, ge=0, description="σ of the Gaussian noise added to the aggregate (Sun et al.'s weak DP).")
+
+
+class NormBound(RobustAggregator):
+    name = "norm_bound"
+    summary = "server-side norm thresholding, optionally with weak-DP noise (Sun et al. 2019)"
+    OptionsModel = NormBoundOptions
+
+    def rule(self, X, messages):
+        return norm_bound(X, self.options.max_norm)
+
+    def post_aggregation(self, round: RoundContext, aggregate: State) -> State:
+        """Sun et al.'s weak DP: N(0, σ²) noise on every coordinate of the aggregate."""
+        if self.options.noise_std == 0:
+            return aggregate
+        generator = torch.Generator().manual_seed(self.runtime.seed_for(round.round, 0x4E42))
+        return {
+            name: t + self.options.noise_std * torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device)
+            for name, t in aggregate.items()
+        }
+
+
+class CenteredClipOptions(Options):
+    tau: float = Field(1.0, gt=0, description="τ: clipping radius around the current centre.")
+    iterations: int = Field(1, ge=1, description="L: clipping iterations per round (the paper uses 1).")
+
+
+class CenteredClip(RobustAggregator):
+    name = "centered_clip"
+    summary = "iterative clipping around the previous aggregate (Karimireddy et al. 2021)"
+    OptionsModel = CenteredClipOptions
+
+    def __init__(self, options, runtime):
+        super().__init__(options, runtime)
+        self.previous: torch.Tensor | None = None
+
+    def rule(self, X, messages):
+        start = self.previous if self.previous is not None else torch.zeros_like(X[0])
+        result = centered_clip(X, start, self.options.tau, self.options.iterations)
+        self.previous = result.aggregate
+        return result
+
+
+class GeoMedianOptions(Options):
+    nu: float = Field(1e-6, gt=0, description="ν: smoothing, the least distance a weight divides by.")
+    max_iter: int = Field(4, ge=1, description="Most Weiszfeld updates per round.")
+    ftol: float = Field(1e-6, ge=0, description="Stop when the objective improves by less than ftol · objective.")
+
+
+class GeoMedian(RobustAggregator):
+    name = "geomedian"
+    summary = "example-weighted geometric median by smoothed Weiszfeld (RFA, Pillutla et al. 2022)"
+    OptionsModel = GeoMedianOptions
+
+    def rule(self, X, messages):
+        alpha = torch.tensor([float(m.num_examples) for m in messages], dtype=X.dtype, device=X.device)
+        o = self.options
+        return geomedian(X, alpha, o.nu, o.max_iter, o.ftol)

@@ -1,0 +1,384 @@
+"""Robust aggregation rules: each against a loop-by-loop implementation of its paper's
+definition, on hand-made cases, at load time, and end to end under a sign-flip attack."""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import fedsec_bench
+from fedsec_bench import plugins
+from fedsec_bench.errors import ScenarioError
+from fedsec_bench.messages import Message
+from fedsec_bench.plugins import Plugin
+from fedsec_bench.scenario import load_scenario
+from fedsec_bench.defenses import robust_rules as rr
+
+# --------------------------------------------------------------------------- loop-by-loop references
+
+
+def sq_dist(a, b):
+    return sum((x - y) ** 2 for x, y in zip(a, b))
+
+
+def ref_krum_scores(X, f, min_neighbours=0):
+    n = len(X)
+    scores = []
+    for i in range(n):
+        d = sorted(sq_dist(X[i], X[j]) for j in range(n) if j != i)
+        scores.append(sum(d[: max(n - f - 2, min_neighbours)]))
+    return scores
+
+
+def ref_multikrum(X, f, m):
+    scores = ref_krum_scores(X, f)
+    chosen = sorted(range(len(X)), key=lambda i: (scores[i], i))[:m]
+    return [sum(X[i][c] for i in chosen) / m for c in range(len(X[0]))], set(chosen)
+
+
+def ref_median_1d(values):
+    v, n = sorted(values), len(values)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
+def ref_trimmed_1d(values, b):
+    v = sorted(values)[b : len(values) - b]
+    return sum(v) / len(v)
+
+
+def ref_bulyan(X, f):
+    n = len(X)
+    theta, beta = n - 2 * f, n - 4 * f
+    remaining, chosen = list(range(n)), []
+    for _ in range(theta):
+        sub = [X[i] for i in remaining]
+        scores = ref_krum_scores(sub, f, min_neighbours=1 if len(sub) > 1 else 0)
+        best = min(range(len(sub)), key=lambda i: (scores[i], i))
+        chosen.append(remaining.pop(best))
+    out = []
+    for c in range(len(X[0])):
+        column = [X[i][c] for i in chosen]
+        med = ref_median_1d(column)
+        closest = sorted(column, key=lambda v: abs(v - med))[:beta]
+        out.append(sum(closest) / beta)
+    return out, set(chosen)
+
+
+def norm(v):
+    return math.sqrt(sum(x * x for x in v))
+
+
+def ref_norm_bound(X, M):
+    scaled = [[x * min(1.0, M / norm(row)) for x in row] for row in X]
+    return [sum(col) / len(X) for col in zip(*scaled)]
+
+
+def ref_centered_clip(X, v, tau, iterations):
+    n = len(X)
+    for _ in range(iterations):
+        step = [0.0] * len(v)
+        for row in X:
+            diff = [x - y for x, y in zip(row, v)]
+            factor = min(1.0, tau / norm(diff))
+            step = [s + d * factor / n for s, d in zip(step, diff)]
+        v = [a + b for a, b in zip(v, step)]
+    return v
+
+
+def ref_geomedian(X, alpha, nu, max_iter, ftol):
+    total = sum(alpha)
+    alpha = [a / total for a in alpha]
+
+    def objective(v):
+        return sum(a * norm([x - y for x, y in zip(row, v)]) for a, row in zip(alpha, X))
+
+    v = [sum(a * row[c] for a, row in zip(alpha, X)) for c in range(len(X[0]))]
+    g = objective(v)
+    for _ in range(max_iter):
+        beta = [a / max(nu, norm([x - y for x, y in zip(row, v)])) for a, row in zip(alpha, X)]
+        v = [sum(b * row[c] for b, row in zip(beta, X)) / sum(beta) for c in range(len(X[0]))]
+        previous, g = g, objective(v)
+        if abs(previous - g) < ftol * g:
+            break
+    return v
+
+
+@pytest.fixture(params=[0, 1, 2])
+def updates(request):
+    """Random updates in float64: 11 clients (odd n) by 7 values, a few of them far off."""
+    gen = torch.Generator().manual_seed(request.param)
+    X = torch.randn(11, 7, generator=gen, dtype=torch.float64)
+    X[:2] += 5.0 * torch.randn(2, 7, generator=gen, dtype=torch.float64)
+    return X
+
+
+def close(actual, expected, tol=1e-6):
+    assert torch.allclose(actual, torch.tensor(expected, dtype=actual.dtype), rtol=tol, atol=tol), (actual, expected)
+
+
+def chosen(share):
+    return set(torch.nonzero(share > 0).flatten().tolist())
+
+
+# --------------------------------------------------------------------------- each rule against its definition
+
+
+@pytest.mark.parametrize("f, m", [(1, 1), (2, 1), (2, 4), (3, 8)])
+def test_multikrum_matches_definition(updates, f, m):
+    expected, expected_chosen = ref_multikrum(updates.tolist(), f, m)
+    got = rr.multikrum(updates, f, m)
+    assert chosen(got.share) == expected_chosen
+    close(got.aggregate, expected)
+    if m == 1:
+        assert torch.equal(rr.krum(updates, f).aggregate, updates[expected_chosen.pop()])
+
+
+@pytest.mark.parametrize("n", [10, 11])
+def test_median_matches_definition_odd_and_even(updates, n):
+    X = updates[:n]
+    expected = [ref_median_1d(col) for col in zip(*X.tolist())]
+    assert rr.median(X).aggregate.tolist() == expected  # exact: an order statistic (or the mean of two)
+
+
+@pytest.mark.parametrize("b", [0, 1, 3, 5])
+def test_trimmed_mean_matches_definition(updates, b):
+    expected = [ref_trimmed_1d(col, b) for col in zip(*updates.tolist())]
+    close(rr.trimmed_mean(updates, b).aggregate, expected, tol=1e-12)
+
+
+@pytest.mark.parametrize("f", [0, 1, 2])
+def test_bulyan_matches_definition(updates, f):
+    expected, expected_chosen = ref_bulyan(updates.tolist(), f)
+    got = rr.bulyan(updates, f)
+    assert chosen(got.share) <= expected_chosen
+    close(got.aggregate, expected, tol=1e-12)
+
+
+def test_norm_bound_matches_definition(updates):
+    close(rr.norm_bound(updates, 2.0).aggregate, ref_norm_bound(updates.tolist(), 2.0))
+
+
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_centered_clip_matches_definition(updates, iterations):
+    start = updates.mean(0) * 0.5
+    expected = ref_centered_clip(updates.tolist(), start.tolist(), 1.5, iterations)
+    close(rr.centered_clip(updates, start, 1.5, iterations).aggregate, expected)
+
+
+@pytest.mark.parametrize("max_iter, ftol", [(1, 0.0), (4, 1e-6), (50, 0.0)])
+def test_geomedian_matches_definition(updates, max_iter, ftol):
+    alpha = torch.arange(1, 12, dtype=torch.float64)
+    expected = ref_geomedian(updates.tolist(), alpha.tolist(), 1e-6, max_iter, ftol)
+    close(rr.geomedian(updates, alpha, 1e-6, max_iter, ftol).aggregate, expected)
+
+
+# --------------------------------------------------------------------------- hand-made cases
+
+
+def test_krum_picks_the_centre_of_the_honest_cluster():
+    X = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.1, 0.1], [50.0, 50.0], [-40.0, 60.0]])
+    # Scores with f=1 (n − f − 2 = 3 neighbours): (0.1, 0.1) has the nearest three.
+    result = rr.krum(X, f=1)
+    assert torch.equal(result.aggregate, X[3]) and result.share.tolist() == [0, 0, 0, 1, 0, 0]
+
+
+def test_median_of_an_even_count_averages_the_two_middle_values():
+    X = torch.tensor([[1.0, -4.0], [2.0, 10.0], [100.0, 0.0], [3.0, 2.0]])
+    assert rr.median(X).aggregate.tolist() == [2.5, 1.0]
+
+
+def test_trimmed_mean_and_bulyan_by_hand():
+    column = torch.tensor([[-100.0], [1.0], [2.0], [3.0], [100.0]])
+    assert rr.trimmed_mean(column, 1).aggregate.item() == 2.0
+    X = torch.tensor([[0.0], [0.1], [0.2], [0.3], [0.4], [0.5], [50.0]])  # n = 7 = 4f + 3 with f = 1
+    result = rr.bulyan(X, f=1)
+    assert result.share[6] == 0 and 0.0 < result.aggregate.item() < 0.5
+
+
+def test_shares_give_precision_and_recall_of_exclusion():
+    shares = {0: 0.0, 1: 0.0, 2: 0.5, 3: 0.5}
+    figures, rows = rr.selection_figures(shares, malicious={1, 3})
+    assert figures["robust.selected"] == 2
+    assert figures["robust.exclusion_precision"] == 0.5  # excluded {0, 1}: one truly malicious
+    assert figures["robust.exclusion_recall"] == 0.5  # malicious {1, 3}: one excluded
+    assert figures["robust.malicious_share"] == 0.5
+    assert [r["excluded"] for r in rows] == [True, True, False, False]
+
+
+# --------------------------------------------------------------------------- load-time refusals
+
+
+@pytest.mark.parametrize(
+    "aggregator, per_round, message",
+    [
+        ({"name": "bulyan", "f": 2}, 8, "bulyan needs n ≥ 4f+3: got n=8, f=2"),
+        ({"name": "krum", "f": 3}, 8, "krum needs n ≥ 2f+3: got n=8, f=3"),
+        ({"name": "multikrum", "f": 1, "m": 9}, 8, "multikrum needs m ≤ n: got n=8, m=9"),
+        ({"name": "trimmed_mean", "trim": 4}, 8, "trimmed_mean needs n − 2b ≥ 1: got n=8, b=4"),
+        ({"name": "trimmed_mean", "trim": 0.5}, 8, "trimmed_mean needs a fraction trim < 0.5"),
+    ],
+)
+def test_impossible_parameters_are_refused_at_load_time(tiny, aggregator, per_round, message):
+    tiny["federation"].update(num_clients=10, clients_per_round=per_round, aggregator=aggregator)
+    with pytest.raises(ScenarioError, match=re.escape(message)):
+        load_scenario(tiny)
+
+
+def test_a_defense_that_aggregates_itself_is_refused_with_a_robust_rule(tiny, monkeypatch):
+    class Masking(Plugin):  # stands for he_aggregation / secure_aggregation
+        name, kind = "masking", "defense"
+
+        def aggregation(self, round, messages):
+            return {}
+
+    known = dict(plugins.registry(), masking=Masking)
+    monkeypatch.setattr(plugins, "registry", lambda: known)
+    tiny["federation"]["aggregator"] = "median"
+    tiny["defenses"] = [{"name": "masking"}]
+    with pytest.raises(ScenarioError, match=re.escape("defenses[0] (masking) aggregates the round itself")):
+        load_scenario(tiny)
+
+
+def test_encrypted_updates_are_refused_with_the_reason(tiny):
+    rule = rr.Median(rr.Median.OptionsModel(), runtime=None)
+    round = type("Round", (), {"round": 1, "global_state": {"w": torch.zeros(2)}})()
+    with pytest.raises(TypeError, match="cannot run on encrypted or masked"):
+        rule.aggregation(round, [Message(0, 1, b"ciphertext", 10)])
+
+
+# --------------------------------------------------------------------------- must hold: 30% sign-flip clients
+
+
+def sign_flip_scenario(tiny, aggregator, attacked: bool):
+    """10 clients, all in every round (so n ≥ 4f + 3 holds for Bulyan with f = 1), 3 of them flipping."""
+    tiny["tuning"] = {"mode": "full"}
+    tiny["data"]["canaries"] = {"count": 0}
+    tiny["federation"].update(num_clients=10, clients_per_round=10, rounds=2, local_steps=2, aggregator=aggregator)
+    tiny["attacks"] = [{"name": "sign_flip", "clients": 0.3}] if attacked else []
+    return tiny
+
+
+def test_robust_rules_resist_thirty_percent_sign_flip(tiny):
+    """Yin et al. 2018, Blanchard et al. 2017, El Mhamdi et al. 2018: with 30% reversed updates
+    the mean is dragged back (0.7 − 0.3 of the honest step) while the robust rules keep
+    (almost) only honest values."""
+    def final(aggregator, attacked=True):
+        scenario = sign_flip_scenario(copy.deepcopy(tiny), aggregator, attacked)
+        return fedsec_bench.run(scenario).final
+
+    clean = final("fedavg", attacked=False)["utility.eval_loss"]
+    fedavg = final("fedavg")["utility.eval_loss"]
+    robust = {
+        "median": final("median"),
+        "trimmed_mean": final({"name": "trimmed_mean", "trim": 0.3}),
+        "krum": final({"name": "krum", "f": 3}),
+        "bulyan": final({"name": "bulyan", "f": 1}),
+    }
+    damage = fedavg - clean
+    report = {"clean": clean, "fedavg": fedavg, **{k: v["utility.eval_loss"] for k, v in robust.items()}}
+    assert damage > 0.25, report
+    for name, figures in robust.items():
+        assert figures["utility.eval_loss"] - clean < 0.3 * damage, (name, report)
+        assert figures["robust.exclusion_recall"] == 1.0, (name, figures)  # every flipper excluded or down-weighted
+
+
+# --------------------------------------------------------------------------- speed (pytest --benchmark-only)
+
+
+def np_pairwise(X):
+    n = len(X)
+    D = np.zeros((n, n))
+    for i in range(n):
+        for j in range(i + 1, n):
+            D[i, j] = D[j, i] = np.sum((X[i] - X[j]) ** 2)
+    return D
+
+
+def np_krum_select(D, f, m, min_neighbours=0):
+    n = len(D)
+    k = max(n - f - 2, min_neighbours)
+    scores = [np.sort(np.delete(D[i], i))[:k].sum() for i in range(n)]
+    return np.argsort(scores, kind="stable")[:m]
+
+
+def np_bulyan(X, f):
+    n = len(X)
+    D, remaining, chosen = np_pairwise(X), list(range(n)), []
+    for _ in range(n - 2 * f):
+        sub = D[np.ix_(remaining, remaining)]
+        chosen.append(remaining.pop(int(np_krum_select(sub, f, 1, 1 if len(remaining) > 1 else 0)[0])))
+    S = X[chosen]
+    closest = np.argsort(np.abs(S - np.median(S, axis=0)), axis=0)[: n - 4 * f]
+    return np.take_along_axis(S, closest, axis=0).mean(0)
+
+
+def np_geomedian(X, alpha, nu, max_iter, ftol):
+    alpha = alpha / alpha.sum()
+    v = alpha @ X
+    g = (alpha * np.linalg.norm(X - v, axis=1)).sum()
+    for _ in range(max_iter):
+        beta = alpha / np.maximum(nu, np.linalg.norm(X - v, axis=1))
+        v = beta @ X / beta.sum()
+        previous, g = g, (alpha * np.linalg.norm(X - v, axis=1)).sum()
+        if abs(previous - g) < ftol * g:
+            break
+    return v
+
+
+def np_centered_clip(X, v, tau, iterations):
+    for _ in range(iterations):
+        diff = X - v
+        v = v + (diff * np.minimum(1.0, tau / np.linalg.norm(diff, axis=1))[:, None]).mean(0)
+    return v
+
+
+SPEED_CASES = {
+    # rule: (torch implementation, straightforward numpy implementation of the same definition)
+    "krum": (lambda X: rr.krum(X, 4), lambda X: X[np_krum_select(np_pairwise(X), 4, 1)].mean(0)),
+    "multikrum": (lambda X: rr.multikrum(X, 4, 8), lambda X: X[np_krum_select(np_pairwise(X), 4, 8)].mean(0)),
+    "median": (rr.median, lambda X: np.median(X, axis=0)),
+    "trimmed_mean": (lambda X: rr.trimmed_mean(X, 4), lambda X: np.sort(X, axis=0)[4:-4].mean(0)),
+    "bulyan": (lambda X: rr.bulyan(X, 4), lambda X: np_bulyan(X, 4)),
+    "norm_bound": (lambda X: rr.norm_bound(X, 1.0),
+                   lambda X: (X * np.minimum(1.0, 1.0 / np.linalg.norm(X, axis=1))[:, None]).mean(0)),
+    "centered_clip": (lambda X: rr.centered_clip(X, torch.zeros_like(X[0]), 1.0, 3),
+                      lambda X: np_centered_clip(X, np.zeros(X.shape[1], X.dtype), 1.0, 3)),
+    "geomedian": (lambda X: rr.geomedian(X, torch.ones(len(X), dtype=X.dtype, device=X.device), 1e-6, 4, 0.0),
+                  lambda X: np_geomedian(X, np.ones(len(X), X.dtype), 1e-6, 4, 0.0)),
+}
+
+
+@pytest.mark.parametrize("n", [20, 50])
+@pytest.mark.parametrize("rule", list(SPEED_CASES))
+def test_speed_against_numpy(benchmark, rule, n):
+    """Issue 5's measure: each rule on n clients × 1M values, time ÷ numpy's time (target ≤ 0.5).
+
+    Run with ``pytest tests/test_robust_rules.py --benchmark-only``; on a GPU machine
+    the torch side runs on cuda. The two implementations must also agree."""
+    ours, reference = SPEED_CASES[rule]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    X = torch.randn(n, 1_000_000, generator=torch.Generator().manual_seed(n))
+    X_np, X_dev = X.numpy(), X.to(device)
+
+    def timed_torch():
+        out = ours(X_dev).aggregate
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    expected = reference(X_np)
+    started = time.perf_counter()
+    for _ in range(3):
+        reference(X_np)
+    numpy_seconds = (time.perf_counter() - started) / 3
+    got = benchmark.pedantic(timed_torch, rounds=3, warmup_rounds=1)
+    np.testing.assert_allclose(got.cpu().numpy(), expected, rtol=1e-3, atol=1e-4)
+    benchmark.extra_info.update(numpy_seconds=numpy_seconds, ratio=benchmark.stats.stats.mean / numpy_seconds)
+    print(f"\n{rule:>14} n={n}: torch({device}) {benchmark.stats.stats.mean:.4f}s  numpy {numpy_seconds:.4f}s  "
+          f"ratio {benchmark.stats.stats.mean / numpy_seconds:.3f}")
