@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -69,13 +70,34 @@ def run(
         history[-1].update(closing)
         frame = history_frame(history)
         final = final_metrics(frame)
+        violations = audit_violations(final)
+        for violation in violations:
+            warnings.warn(f"privacy audit: {violation}", stacklevel=2)
+        tracker.set_tag("fedsec.audit_violation", str(bool(violations)).lower())
         frame.to_csv(tracker.artifact_dir / "metrics.csv")
         plot_curves(frame, tracker.artifact_dir / "curves.png", scenario.name)
         tracker.write_summary(
             {"scenario": scenario.name, "scenario_hash": scenario.digest(), "run_id": tracker.run_id,
-             "rounds": scenario.federation.rounds, "final": final}
+             "rounds": scenario.federation.rounds, "final": final, "audit_violations": violations}
         )
     return Result(scenario, frame, final, tracker.run_id, tracker.run_dir)
+
+
+AUDITS = ("mia.eps_lower_bound", "mia.server.eps_lower_bound")
+GUARANTEES = ("privacy.epsilon", "privacy.user_epsilon")
+
+
+def audit_violations(final: dict[str, float]) -> list[str]:
+    """Empirical ε lower bounds above a claimed ε: the DP implementation or its accounting is wrong.
+
+    A user-level guarantee bounds record-level leakage too (a record belongs to one user),
+    so every audit is held to every guarantee in force.
+    """
+    return [
+        f"{audit}={final[audit]:.4g} exceeds {claim}={final[claim]:.4g}"
+        for audit in AUDITS if audit in final
+        for claim in GUARANTEES if claim in final and final[audit] > final[claim]
+    ]
 
 
 def _combinations(scenario: Scenario) -> int:

@@ -86,6 +86,10 @@ class Tracker:
         for start in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[start : start + 1000])
 
+    def set_tag(self, key: str, value: str) -> None:
+        if self.client is not None:
+            self.client.set_tag(self.run_id, key, value)
+
     def log_table(self, frame, artifact_file: str) -> None:
         """An MLflow table artifact (shown as a table in the UI's artifact view)."""
         if self.client is not None:

@@ -147,3 +147,15 @@ def test_local_training_reshuffles_every_epoch(tiny):
     first = [next(batches)["input_ids"].tolist() for _ in range(10)]
     second = [next(batches)["input_ids"].tolist() for _ in range(10)]
     assert first != second  # a new order each epoch, not a replay of the first
+
+
+def test_an_audit_above_the_claimed_epsilon_is_flagged():
+    from fedsec_bench.runner import audit_violations
+
+    assert audit_violations({"mia.eps_lower_bound": 0.4, "privacy.epsilon": 1.0}) == []
+    assert audit_violations({"mia.eps_lower_bound": 2.0, "privacy.epsilon": 1.0, "privacy.user_epsilon": 3.0}) == [
+        "mia.eps_lower_bound=2 exceeds privacy.epsilon=1"
+    ]
+    assert audit_violations({"mia.server.eps_lower_bound": 5.0, "privacy.user_epsilon": 3.0}) == [
+        "mia.server.eps_lower_bound=5 exceeds privacy.user_epsilon=3"
+    ]

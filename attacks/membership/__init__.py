@@ -1,0 +1,263 @@
+"""``membership_inference``: was this text in the training data? Attacks on the final model or on one client's update.
+
+Threat models (option ``threat``):
+
+- ``external``: black-box access to the final global model's per-token log-probs
+  (``training_end``). Members are the training texts of clients that took part in at
+  least one round; non-members are held-out texts of the same distribution.
+- ``server``: the honest-but-curious server in round ``attack_round``. From the
+  target client's plain message it rebuilds the client's local model (global + update)
+  and attacks that client's texts. When the payload is not plain tensors (encrypted or
+  masked aggregation) or the target sent nothing, it only has what it really holds: the
+  model after aggregation; ``mia.server.update_readable`` says which.
+
+Methods (option ``method``, one name or a list): ``loss``, ``zlib``, ``min_k``,
+``reference``, ``lira``, ``lira_offline``, ``rmia``, ``rmia_offline``; see
+:mod:`.scores` for each definition and :mod:`.shadow` for the reference/shadow models.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from contextlib import contextmanager
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import Field, field_validator
+
+from fedsec_bench.data.synthetic import make_canaries
+from fedsec_bench.messages import Message, RoundContext, State
+from fedsec_bench.plugins import Options, Plugin
+
+from . import scores as S
+from .audit import eps_lower_bound
+from .roc import auc, plot_roc, roc_curve, tpr_at_fpr
+from .shadow import reference_logprobs, shadow_statistics, using_state
+
+Method = Literal["loss", "zlib", "min_k", "reference", "lira", "lira_offline", "rmia", "rmia_offline"]
+SHADOW_METHODS = {"lira", "lira_offline", "rmia", "rmia_offline"}
+POPULATION_METHODS = {"reference", "rmia", "rmia_offline"}
+"""Methods that need population data beyond the targets: the held-out split is then halved."""
+SEED_KEY = 7007  # keeps this attack's random draws apart from the federation's
+
+
+class MembershipOptions(Options):
+    method: list[Method] = Field(
+        ["loss"], min_length=1, description="One method or a list (all scored on the same samples)."
+    )
+    threat: Literal["external", "server"] = "external"
+    num_samples: int | None = Field(
+        None, ge=2, description="Ordinary member texts, and as many non-members; default: as many as the data allow."
+    )
+    canaries: bool = Field(
+        False, description="Also attack the target clients' planted canaries, against as many fresh ones (non-members)."
+    )
+    min_k: float = Field(0.2, gt=0, le=1, description="min_k: fraction of lowest-probability tokens averaged.")
+    num_shadows: int = Field(
+        4, ge=4, description="lira/rmia: shadow models, each on a random half of the targets (≥ 4: two per side)."
+    )
+    gamma: float = Field(1.0, gt=0, description="rmia: likelihood-ratio threshold γ.")
+    delta: float = Field(1e-5, ge=0, lt=1, description="δ of the (ε, δ) audit; use the DP defense's δ.")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="Clopper–Pearson confidence of the audit.")
+    target_client: int | None = Field(None, ge=0, description="server: client attacked (default: first sampled).")
+    attack_round: int | None = Field(None, ge=1, description="server: round attacked (default: the last).")
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, str) else value
+
+
+class MembershipInference(Plugin):
+    name = "membership_inference"
+    kind = "attack"
+    summary = "membership inference (loss, zlib, min_k, reference, LiRA, RMIA) with ROC figures and an ε audit"
+    OptionsModel = MembershipOptions
+
+    def __init__(self, options, runtime):
+        super().__init__(options, runtime)
+        self.initial = runtime.trainable.snapshot()  # shadows start where the federation started
+        self.participants: set[int] = set()
+        self.observed: tuple[int, State | None] | None = None
+        fed = runtime.scenario.federation
+        self.attack_round = options.attack_round or fed.rounds
+        self.prefix = "mia." if options.threat == "external" else "mia.server."
+
+    @classmethod
+    def check(cls, options: MembershipOptions, scenario) -> None:
+        fed = scenario.federation
+        if options.threat == "external" and (options.target_client is not None or options.attack_round is not None):
+            raise ValueError("target_client and attack_round apply to threat: server only; remove them")
+        if options.attack_round is not None and options.attack_round > fed.rounds:
+            raise ValueError(f"attack_round ({options.attack_round}) is after the last round ({fed.rounds})")
+        if options.target_client is not None and options.target_client >= fed.num_clients:
+            raise ValueError(f"target_client ({options.target_client}) is not a client id (0..{fed.num_clients - 1})")
+        if POPULATION_METHODS & set(options.method) and scenario.data.heldout_examples < 4:
+            raise ValueError(
+                "reference/rmia need data.heldout_examples ≥ 4 (half are the attacker's population data)"
+            )
+        same = [
+            a for a in scenario.attacks
+            if a.name == cls.name and (a.model_extra or {}).get("threat", "external") == options.threat
+        ]
+        if len(same) > 1:
+            raise ValueError(
+                f"{len(same)} membership_inference entries with threat {options.threat} would log the same figures; "
+                "list the methods in one entry (method: [loss, lira, ...])"
+            )
+
+    # --- hooks -------------------------------------------------------------------------
+    def server_observation(self, round: RoundContext, messages: list[Message]) -> None:
+        if self.options.threat != "server" or round.round != self.attack_round:
+            return
+        target = self.options.target_client
+        if target is None:
+            target = round.sampled[0] if round.sampled else 0
+        sent = [m.payload for m in messages if m.client_id == target]
+        readable = sent[0] if sent and isinstance(sent[0], dict) else None
+        self.observed = (target, readable)
+
+    def round_end(self, round: RoundContext, metrics: dict[str, float]) -> dict[str, float] | None:
+        self.participants.update(r.client_id for r in round.reports)
+        if self.observed is None or round.round != self.attack_round:
+            return None
+        target, update = self.observed
+        if update is None:  # only the aggregate: the model the round produced
+            model = self.runtime.trainable.snapshot()
+        else:
+            model = {n: round.global_state[n] + update[n].to(round.global_state[n].dtype) for n in round.global_state}
+        figures = self.attack(model, [target], round.round)
+        return {**figures, f"{self.prefix}update_readable": float(update is not None)}
+
+    def training_end(self, runtime) -> dict[str, float] | None:
+        if self.options.threat != "external":
+            return None
+        return self.attack(runtime.trainable.snapshot(), sorted(self.participants), 0)
+
+    # --- the attack ----------------------------------------------------------------------
+    def samples(self, clients: list[int], rng: np.random.Generator) -> tuple[list[str], list[str], list[str]]:
+        """(members, non-members, attacker population), each drawn from the same distribution.
+
+        Members: ``num_samples`` distinct ordinary texts of ``clients`` and, with
+        ``canaries``, their planted canaries. Non-members: as many held-out texts and as
+        many fresh canaries of the same kinds (new holder, new secret: canaries that
+        could have been planted but were not). The population, used by reference and
+        rmia only, is the rest of the held-out split and as many fresh canaries again.
+        """
+        data, opts = self.runtime.data, self.options
+        ordinary = list(dict.fromkeys(data.pool[i] for c in clients for i in data.parts[c]))
+        planted = [c for c in data.canaries if c.client_id in clients] if opts.canaries else []
+        wants_population = bool(POPULATION_METHODS & set(opts.method))
+        heldout = [data.heldout[i] for i in rng.permutation(len(data.heldout))]
+        available = len(heldout) // 2 if wants_population else len(heldout)
+        n = min(len(ordinary), available, opts.num_samples or len(ordinary))
+        if n < 1:
+            raise RuntimeError(f"{self.prefix}: no member texts to attack (did any client train?)")
+        kinds = [c.kind for c in planted]
+        fresh_rng = random.Random(int(rng.integers(2**31)))
+        fresh = [c.text for c in make_canaries(fresh_rng, 2 * len(kinds), kinds, [1], [-1] * 2 * len(kinds))]
+        members = [ordinary[i] for i in rng.choice(len(ordinary), n, replace=False)] + [c.text for c in planted]
+        nonmembers = heldout[:n] + fresh[: len(planted)]
+        population = heldout[n:] + fresh[len(planted) :] if wants_population else []
+        return members, nonmembers, population
+
+    def attack(self, target: State, clients: list[int], key: int) -> dict[str, float]:
+        rt, opts = self.runtime, self.options
+        rng = np.random.default_rng(rt.seed_for(SEED_KEY, key))
+        members, nonmembers, population = self.samples(clients, rng)
+        targets = members + nonmembers
+        labels = np.r_[np.ones(len(members), bool), np.zeros(len(nonmembers), bool)]
+        universe = targets + population
+
+        seconds: dict[str, float] = {}
+        with timed(seconds, "target"), using_state(rt, target):
+            target_lp = S.token_logprobs(rt, universe)
+        models: dict = {}
+        if "reference" in opts.method:
+            with timed(seconds, "reference model"):
+                seed = int(rng.integers(2**31))
+                models["reference"] = reference_logprobs(rt, self.initial, population, universe, seed)
+        if SHADOW_METHODS & set(opts.method):
+            with timed(seconds, "shadow models"):
+                models["shadows"] = shadow_statistics(rt, self.initial, targets, universe, opts.num_shadows, rng)
+        results, cost = {}, {}
+        for method in opts.method:
+            with timed(seconds, method):
+                results[method] = score(method, target_lp, universe, len(targets), models, opts)
+            cost[method] = sum(seconds.get(part, 0.0) for part in ("target", method, *needs(method)))
+        figures = self.figures(results, labels, cost)
+        self.write_artifacts(results, labels, targets, figures)
+        return figures
+
+    def figures(self, results: dict[str, np.ndarray], labels: np.ndarray, seconds: dict[str, float]) -> dict:
+        """Per-method figures, then each headline figure as the strongest method's.
+
+        With several methods, each audit uses confidence 1 − (1 − c)/m (Bonferroni), so
+        the maximum over methods keeps the stated confidence.
+        """
+        opts, p = self.options, self.prefix
+        confidence = 1 - (1 - opts.confidence) / len(results)
+        out: dict[str, float] = {f"{p}num_samples": float(labels.sum())}
+        headline: dict[str, list[float]] = {}
+        for method, s in results.items():
+            row = {
+                "auc": auc(s, labels),
+                "tpr_at_1pct_fpr": tpr_at_fpr(s, labels, 0.01),
+                "tpr_at_0_1pct_fpr": tpr_at_fpr(s, labels, 0.001),
+                "eps_lower_bound": eps_lower_bound(s, labels, opts.delta, confidence),
+            }
+            for name, value in row.items():
+                headline.setdefault(name, []).append(value)
+                out[f"{p}{method}.{name}"] = value
+            out[f"{p}{method}.seconds"] = seconds[method]
+        out |= {f"{p}{name}": max(values) for name, values in headline.items()}
+        return out
+
+    def write_artifacts(self, results, labels, targets, figures) -> None:
+        stem = self.prefix.rstrip(".").replace(".", "_")
+        table = pd.DataFrame({"text": targets, "member": labels.astype(int), **results})
+        table.to_csv(self.runtime.artifact_dir / f"{stem}_scores.csv", index_label="sample")
+        curves = {
+            f"{m} (AUC {figures[f'{self.prefix}{m}.auc']:.2f})": roc_curve(s, labels)[:2] for m, s in results.items()
+        }
+        title = f"{stem}: {int(labels.sum())} members, as many non-members"
+        plot_roc(curves, self.runtime.artifact_dir / f"{stem}_roc.png", title)
+
+
+def needs(method: str) -> list[str]:
+    """The shared computations a method's running time includes."""
+    return ["shadow models"] if method in SHADOW_METHODS else ["reference model"] if method == "reference" else []
+
+
+def score(method: str, target_lp, universe: list[str], num_targets: int, models: dict, opts) -> np.ndarray:
+    """One method's member scores for the targets (the first ``num_targets`` texts of the universe)."""
+    t = slice(0, num_targets)
+    if method == "loss":
+        return S.loss_score(target_lp[t])
+    if method == "zlib":
+        return S.zlib_score(target_lp[t], universe[t])
+    if method == "min_k":
+        return S.min_k_score(target_lp[t], opts.min_k)
+    if method == "reference":
+        return S.reference_score(target_lp[t], models["reference"][t])
+    mean, total, keep = models["shadows"]
+    if method.startswith("lira"):
+        return S.lira_score(S.mean_logprob(target_lp)[t], mean[:, t], keep, online=method == "lira")
+    # population texts z were in no shadow's training set: all reference models serve for Pr(z)
+    use_x = np.ones_like(keep) if method == "rmia" else ~keep
+    z = slice(num_targets, len(universe))
+    own = S.total_logprob(target_lp)
+    use_z = np.ones((keep.shape[0], len(universe) - num_targets), dtype=bool)
+    return S.rmia_score(own[t], total[:, t], use_x, own[z], total[:, z], use_z, opts.gamma)
+
+
+@contextmanager
+def timed(seconds: dict[str, float], part: str):
+    """Add the block's wall-clock time to ``seconds[part]``."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[part] = seconds.get(part, 0.0) + time.perf_counter() - started
