@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -79,7 +81,7 @@ def test_list_shows_plugins_and_bundled_scenarios(fedsec, tmp_path):
 
 def test_installed_console_script_runs_a_bundled_scenario_by_name(tmp_path):
     out = subprocess.run(
-        [shutil.which("fedsec"), "run", "quickstart", "--quiet", "--set", "federation.rounds=1",
+        [shutil.which("fedsec", path=str(Path(sys.executable).parent)), "run", "quickstart", "--quiet", "--set", "federation.rounds=1",
          "--set", "tracking.enabled=false"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )
