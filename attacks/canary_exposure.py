@@ -141,7 +141,7 @@ class CanaryExposure(Plugin):
     def training_end(self, runtime) -> dict[str, float]:
         rows = [self.measure(canary) for canary in runtime.data.canaries]
         table = pd.DataFrame(rows)
-        table.to_csv(runtime.artifact_dir / "canary_exposure.csv", index=False)
+        runtime.write_table("canary_exposure.csv", table)
         return self.figures(table[table.trained])
 
     def measure(self, canary: Canary) -> dict:

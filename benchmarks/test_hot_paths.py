@@ -110,5 +110,5 @@ def test_local_training_step(benchmark, tmp_path, private):
 def test_one_round(benchmark, tmp_path):
     """A whole round: 4 clients x 5 local steps, FedAvg, held-out evaluation."""
     runtime, hooks = runtime_for(SCENARIO, tmp_path)
-    federation = Federation(runtime, hooks, make_executor("local", hooks))
+    federation = Federation(runtime, hooks, make_executor(runtime, hooks))
     benchmark.pedantic(federation.run_round, args=(1,), rounds=5, warmup_rounds=1)

@@ -6,7 +6,9 @@ gradient g_i, clip it to ``max_grad_norm`` C (g_i · min(1, C/‖g_i‖)), add N
 to the sum and divide by the expected batch size q·n. The sampled Gaussian mechanism
 composed over the client's steps is accounted with Opacus (RDP, Mironov et al. 2019,
 or PRV, Gopi et al. 2021); each client has its own accountant, kept for the whole run,
-because each client runs its own mechanism on its own records.
+because each client runs its own mechanism on its own records. Clients report the
+mechanism and its steps; the accountants live with the plugin on the driver, where
+``round_end`` composes them (the client side may run on a Ray worker).
 
 Per-example gradients come from Opacus' GradSampleModule in ``hooks`` mode (see
 :data:`GRAD_SAMPLE_MODE`). Three traps of Hugging Face + PEFT models are handled here,
@@ -35,7 +37,6 @@ the evaluation see the plain model.
 
 from __future__ import annotations
 
-import csv
 import functools
 import math
 from dataclasses import dataclass, field
@@ -95,20 +96,32 @@ class DPSGDOptions(Options):
         return self
 
 
-@dataclass
-class ClientBudget:
-    """One client's DP-SGD mechanism and its accountant, kept across the rounds it takes part in."""
+@dataclass(frozen=True)
+class Mechanism:
+    """One client's sampled Gaussian mechanism, fixed by its number of examples and the scenario."""
 
     examples: int
     sample_rate: float
     noise_multiplier: float
+
+
+@dataclass
+class ClientBudget:
+    """The ledger of one client's DP-SGD spend, composed from its round reports over the whole run."""
+
+    mechanism: Mechanism
     accountant: IAccountant
     steps: int = 0
+
+    def spend(self, mechanism: Mechanism, steps: int) -> None:
+        for _ in range(steps):
+            self.accountant.step(noise_multiplier=mechanism.noise_multiplier, sample_rate=mechanism.sample_rate)
+        self.mechanism, self.steps = mechanism, self.steps + steps
 
     def epsilon(self, delta: float) -> float:
         if self.steps == 0:
             return 0.0
-        if self.noise_multiplier == 0:
+        if self.mechanism.noise_multiplier == 0:
             return math.inf
         return float(self.accountant.get_epsilon(delta=delta))
 
@@ -169,7 +182,7 @@ def per_example_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], m
 class PrivateTraining(LocalTraining):
     """The client's LocalTraining run as DP-SGD; the model is plain again when run() returns."""
 
-    budget: ClientBudget = None
+    mechanism: Mechanism = None
     max_grad_norm: float = 1.0
     tuning_mode: str = "lora"
     poisson: bool = True
@@ -180,9 +193,9 @@ class PrivateTraining(LocalTraining):
         wrapped = GradSampleModule(self.model, loss_reduction="mean", strict=False, force_functorch=self.functorch)
         optimizer = DPOptimizer(
             self.optimizer,
-            noise_multiplier=self.budget.noise_multiplier,
+            noise_multiplier=self.mechanism.noise_multiplier,
             max_grad_norm=self.max_grad_norm,
-            expected_batch_size=max(1, round(self.budget.sample_rate * self.budget.examples)),
+            expected_batch_size=max(1, round(self.mechanism.sample_rate * self.mechanism.examples)),
             loss_reduction="mean",
         )
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -200,10 +213,6 @@ class PrivateTraining(LocalTraining):
                     total, nonempty = total + loss.item(), nonempty + 1
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                self.budget.accountant.step(
-                    noise_multiplier=self.budget.noise_multiplier, sample_rate=self.budget.sample_rate
-                )
-                self.budget.steps += 1
         finally:
             wrapped.cleanup()
             release(self.model, params)
@@ -213,7 +222,7 @@ class PrivateTraining(LocalTraining):
         if not self.poisson:
             return epochs(self.loader)
         sampler = UniformWithReplacementSampler(
-            num_samples=self.budget.examples, sample_rate=self.budget.sample_rate,
+            num_samples=self.mechanism.examples, sample_rate=self.mechanism.sample_rate,
             generator=self.generator, steps=self.steps,
         )
         return iter(DataLoader(self.loader.dataset, batch_sampler=sampler, collate_fn=self.loader.collate_fn))
@@ -243,12 +252,16 @@ class DPSGD(Plugin):
         self.budgets: dict[int, ClientBudget] = {}
         self.delta = options.delta or 1.0 / (2 * sum(runtime.data.num_examples(c) for c in range(runtime.data.num_clients)))
 
+    def __getstate__(self) -> dict:
+        """A Ray worker's copy needs no ledgers: they stay with the driver, which composes them."""
+        return super().__getstate__() | {"budgets": {}}
+
     @classmethod
     def check(cls, options: DPSGDOptions, scenario) -> None:
         """With target_epsilon, refuse at load time when a client of the nominal size could not reach it.
 
         Only the synthetic corpus has a nominal client size; with files the same error comes at the
-        client's first round, from :meth:`budget`.
+        client's first round, from :meth:`mechanism`.
         """
         if options.target_epsilon is None or scenario.data.source != "synthetic":
             return
@@ -257,46 +270,56 @@ class DPSGD(Plugin):
         steps = local_steps(fed, examples) * fed.rounds
         calibrate(options.target_epsilon, delta, min(1.0, fed.batch_size / examples), steps, options.accountant)
 
-    def budget(self, client: ClientContext, examples: int, steps_per_round: int) -> ClientBudget:
-        """The client's mechanism, fixed at its first round; σ from target_epsilon assumes it trains every round."""
-        if client.client_id not in self.budgets:
-            fed = self.runtime.scenario.federation
-            rate = min(1.0, fed.batch_size / examples)
-            sigma = self.options.noise_multiplier
-            if sigma is None:
-                sigma = calibrate(
-                    self.options.target_epsilon, self.delta, rate, steps_per_round * fed.rounds, self.options.accountant
-                )
-            self.budgets[client.client_id] = ClientBudget(examples, rate, sigma, create_accountant(self.options.accountant))
-        return self.budgets[client.client_id]
+    def mechanism(self, examples: int, steps_per_round: int) -> Mechanism:
+        """The client's mechanism; σ from target_epsilon assumes it trains every round."""
+        fed = self.runtime.scenario.federation
+        rate = min(1.0, fed.batch_size / examples)
+        sigma = self.options.noise_multiplier
+        if sigma is None:
+            sigma = calibrate(self.options.target_epsilon, self.delta, rate, steps_per_round * fed.rounds, self.options.accountant)
+        return Mechanism(examples, rate, sigma)
 
     def local_training(self, client: ClientContext, training: LocalTraining) -> LocalTraining:
-        budget = self.budget(client, len(training.loader.dataset), training.steps)
+        """Train privately and report the mechanism and its steps: the ledger is kept on the server side
+        (``round_end``), since the client side may run in another process (executor: ray)."""
+        mechanism = self.mechanism(len(training.loader.dataset), training.steps)
+        client.metrics |= {
+            "dp_sgd.examples": mechanism.examples, "dp_sgd.sample_rate": mechanism.sample_rate,
+            "dp_sgd.noise_multiplier": mechanism.noise_multiplier, "dp_sgd.steps": training.steps,
+        }
         mode = self.runtime.scenario.tuning.mode
         choice = GRAD_SAMPLE_MODE[mode] if self.options.grad_sample_mode == "auto" else self.options.grad_sample_mode
         return PrivateTraining(
             model=training.model, optimizer=training.optimizer, loader=training.loader, steps=training.steps,
-            device=training.device, budget=budget, max_grad_norm=self.options.max_grad_norm, tuning_mode=mode,
+            device=training.device, mechanism=mechanism, max_grad_norm=self.options.max_grad_norm, tuning_mode=mode,
             poisson=self.options.poisson_sampling, functorch=choice == "functorch",
             generator=torch.Generator().manual_seed(client.seed),
         )
 
     def round_end(self, round, metrics):
+        for report in round.reports:  # every client that trained spent budget, delivered or not
+            if "dp_sgd.steps" in report.metrics:
+                self.spend(report.client_id, report.metrics)
         table = self.table()
-        with open(self.runtime.artifact_dir / "dp_sgd_epsilon.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(table[0]) if table else ["client_id"])
-            writer.writeheader()
-            writer.writerows(table)
+        self.runtime.write_table("dp_sgd_epsilon.csv", table)
         return {
             "privacy.epsilon": max((row["epsilon"] for row in table), default=0.0),
             "privacy.delta": self.delta,
         }
 
+    def spend(self, client_id: int, reported: dict[str, float]) -> None:
+        mechanism = Mechanism(
+            int(reported["dp_sgd.examples"]), reported["dp_sgd.sample_rate"], reported["dp_sgd.noise_multiplier"]
+        )
+        if client_id not in self.budgets:
+            self.budgets[client_id] = ClientBudget(mechanism, create_accountant(self.options.accountant))
+        self.budgets[client_id].spend(mechanism, int(reported["dp_sgd.steps"]))
+
     def table(self) -> list[dict]:
         """Per-client ε so far: one row per client that has trained."""
         return [
-            {"client_id": cid, "examples": b.examples, "sample_rate": b.sample_rate,
-             "noise_multiplier": b.noise_multiplier, "steps": b.steps, "epsilon": b.epsilon(self.delta),
+            {"client_id": cid, "examples": b.mechanism.examples, "sample_rate": b.mechanism.sample_rate,
+             "noise_multiplier": b.mechanism.noise_multiplier, "steps": b.steps, "epsilon": b.epsilon(self.delta),
              "delta": self.delta}
             for cid, b in sorted(self.budgets.items())
         ]

@@ -43,14 +43,16 @@ import tenseal as ts
 import torch
 from pydantic import Field, ValidationInfo, field_validator
 
+from fedsec_bench.aggregation import refuse_nonlinear_aggregator
 from fedsec_bench.messages import ClientContext, Message, RoundContext, State
 from fedsec_bench.plugins import Options, Plugin
-from fedsec_bench.updates import flatten
-
-from .secure_aggregation import as_state, client_mean, refuse_nonlinear_aggregator
+from fedsec_bench.updates import as_state, flatten
 
 MAX_COEFF_BITS = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
 """Largest total coefficient modulus for 128-bit security (HomomorphicEncryption.org standard, as in SEAL)."""
+
+PLAINTEXT_NOTE = "he.plaintext_update"
+"""The note in which a client hands the simulator its plaintext update (float32, as trained)."""
 
 HEADROOM_BITS = 10
 """Bits of the data modulus left above global_scale^2 for the aggregate's integer part (and sign)."""
@@ -114,12 +116,22 @@ class HEAggregationOptions(Options):
 class KeyHolders:
     """The clients' shared secret context: they encrypt their updates and decrypt the aggregate."""
 
-    def __init__(self, options: HEAggregationOptions):
-        self.context = ts.context(
-            ts.SCHEME_TYPE.CKKS, options.poly_modulus_degree, coeff_mod_bit_sizes=options.coeff_mod_bit_sizes
-        )
-        self.context.global_scale = options.global_scale
+    def __init__(self, options: HEAggregationOptions, context: ts.Context | None = None):
+        if context is None:
+            context = ts.context(
+                ts.SCHEME_TYPE.CKKS, options.poly_modulus_degree, coeff_mod_bit_sizes=options.coeff_mod_bit_sizes
+            )
+            context.global_scale = options.global_scale
+        self.context = context
         self.slots = options.poly_modulus_degree // 2
+
+    def serialize(self) -> bytes:
+        """The secret context, as one key holder hands it to another over a secure channel."""
+        return self.context.serialize(save_secret_key=True)
+
+    @classmethod
+    def from_serialized(cls, secret: bytes, options: HEAggregationOptions) -> KeyHolders:
+        return cls(options, ts.context_from(secret))
 
     def public_context(self) -> bytes:
         """What the server is sent once: no secret key, and no relinearisation keys (it never multiplies ciphertexts)."""
@@ -211,20 +223,12 @@ class EncryptedUpdate:
 # --------------------------------------------------------------------------- the plugin
 
 
-class PlaintextReference:
-    """Simulator-only running sum of n_i * update_i, to measure the CKKS error; no protocol party has it."""
-
-    def __init__(self):
-        self.total, self.weight = None, 0
-
-    def add(self, num_examples: int, flat: np.ndarray) -> None:
-        self.total = flat * num_examples if self.total is None else self.total + flat * num_examples
-        self.weight += num_examples
-
-    def pop_mean(self) -> np.ndarray:
-        mean = self.total / self.weight
-        self.total, self.weight = None, 0
-        return mean
+def plaintext_mean(round: RoundContext, messages: list[Message]) -> np.ndarray:
+    """Simulator-only: the plaintext FedAvg of the delivered updates, from the clients' notes, to
+    measure the CKKS error. No protocol party has it."""
+    notes = {r.client_id: r.notes[PLAINTEXT_NOTE] for r in round.reports}
+    total = sum(m.num_examples * notes[m.client_id].astype(np.float64) for m in messages)
+    return total / sum(m.num_examples for m in messages)
 
 
 class HEAggregation(Plugin):
@@ -241,8 +245,17 @@ class HEAggregation(Plugin):
         self.public_context_bytes = len(public_context)
         spool = options.spool if options.spool != "auto" else ("disk" if runtime.scenario.tuning.mode == "full" else "memory")
         self.spool_dir = tempfile.TemporaryDirectory(prefix="fedsec-he-") if spool == "disk" else None
-        self.reference = PlaintextReference()
         self._figures: dict[str, float] = {}
+
+    def __getstate__(self) -> dict:
+        """A Ray worker's copy is a client: it gets the clients' shared secret context (serialized), not
+        the server's part, and keeps its ciphertexts in memory (they travel back through the object store)."""
+        state = super().__getstate__() | {"key_holders": self.key_holders.serialize(), "spool_dir": None}
+        del state["server"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__ = state | {"key_holders": KeyHolders.from_serialized(state["key_holders"], state["options"])}
 
     @classmethod
     def check(cls, options: HEAggregationOptions, scenario) -> None:
@@ -255,7 +268,7 @@ class HEAggregation(Plugin):
 
     def transport(self, client: ClientContext, message: Message) -> Message:
         flat = flatten(message.payload).detach().cpu().double().numpy()
-        self.reference.add(message.num_examples, flat)
+        client.notes[PLAINTEXT_NOTE] = flat.astype(np.float32)
         started = time.perf_counter()
         chunks = self.new_chunks(client)
         for ciphertext in self.key_holders.encrypt(flat):
@@ -290,13 +303,13 @@ class HEAggregation(Plugin):
         self._figures = {
             "cost.he_aggregate_s": aggregate_s,
             "cost.he_decrypt_s": decrypt_s,
-            "he.max_abs_error": float(np.abs(flat - self.reference.pop_mean()).max()),
+            "he.max_abs_error": float(np.abs(flat - plaintext_mean(round, messages)).max()),
             "he.expansion_ratio": float(np.mean([m.num_bytes for m in messages])) / (4 * size),
         }
         return as_state(flat, round.global_state)
 
     def round_end(self, round: RoundContext, metrics: dict[str, float]) -> dict[str, float]:
-        return self._figures | client_mean(round, "cost.he_encrypt_s")
+        return self._figures | round.client_mean("cost.he_encrypt_s")
 
     def training_end(self, runtime) -> dict[str, float]:
         if self.spool_dir is not None:

@@ -40,44 +40,13 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from fedsec_bench.aggregation import refuse_nonlinear_aggregator
 from fedsec_bench.messages import ClientContext, Message, RoundContext, State
 from fedsec_bench.plugins import Options, Plugin
-from fedsec_bench.updates import flatten, unflatten
+from fedsec_bench.updates import as_state, flatten
 
 PAIR, SELF, DROP = 1, 2, 3
 """Domain tags that keep the pairwise seeds, self-mask seeds and dropout draws independent."""
-
-
-# --------------------------------------------------------------------------- shared with he_aggregation
-
-
-def refuse_nonlinear_aggregator(scenario, holds: str) -> None:
-    """Shared load-time check of the transport defenses: only a weighted sum runs on what they send.
-
-    Robust rules (krum, median, trimmed mean...) need distances between, or the
-    coordinate-wise order of, individual plaintext updates; the server has only ``holds``.
-    """
-    rule = scenario.federation.aggregator.name
-    if rule != "fedavg":
-        raise ValueError(
-            f"federation.aggregator={rule} needs each client's plaintext update (distances or coordinate-wise "
-            f"order), but the server holds only {holds}; only fedavg (a weighted sum) can be computed on them. "
-            "Set federation.aggregator: fedavg, or drop this defense to use a robust rule"
-        )
-
-
-def as_state(flat: np.ndarray, like: State) -> State:
-    """A flat aggregate back to named tensors of the global state's dtypes and device."""
-    return {
-        name: t.to(dtype=like[name].dtype, device=like[name].device)
-        for name, t in unflatten(torch.from_numpy(flat), like).items()
-    }
-
-
-def client_mean(round: RoundContext, key: str) -> dict[str, float]:
-    """``{key: mean}`` of a figure the clients recorded in ``client.metrics`` this round (empty if none did)."""
-    values = [r.metrics[key] for r in round.reports if key in r.metrics]
-    return {key: float(np.mean(values))} if values else {}
 
 
 # --------------------------------------------------------------------------- fixed point
@@ -228,4 +197,4 @@ class SecureAggregation(Plugin):
         return as_state(mean, round.global_state)
 
     def round_end(self, round: RoundContext, metrics: dict[str, float]) -> dict[str, float]:
-        return self._figures | client_mean(round, "cost.secagg_mask_s")
+        return self._figures | round.client_mean("cost.secagg_mask_s")

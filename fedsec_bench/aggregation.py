@@ -23,6 +23,21 @@ def fedavg(messages: list[Message], like: State) -> State:
     return out
 
 
+def refuse_nonlinear_aggregator(scenario, holds: str) -> None:
+    """Load-time check of the transport defenses (encryption, masking): only a weighted sum runs on what they send.
+
+    Robust rules (krum, median, trimmed mean...) need distances between, or the
+    coordinate-wise order of, individual plaintext updates; the server has only ``holds``.
+    """
+    rule = scenario.federation.aggregator.name
+    if rule != "fedavg":
+        raise ValueError(
+            f"federation.aggregator={rule} needs each client's plaintext update (distances or coordinate-wise "
+            f"order), but the server holds only {holds}; only fedavg (a weighted sum) can be computed on them. "
+            "Set federation.aggregator: fedavg, or drop this defense to use a robust rule"
+        )
+
+
 class FedAvg(Plugin):
     name = "fedavg"
     kind = "aggregator"

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet_library_logs()
-    if getattr(args, "jobs", 1) < 1:
+    if getattr(args, "jobs", None) is not None and args.jobs < 1:
         parser.error("--jobs must be ≥ 1")
     try:
         return args.command(args)
@@ -70,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = sub.add_parser("sweep", help="run every combination of a scenario's matrix under one parent run")
     _scenario_args(sweep)
-    sweep.add_argument("--jobs", type=int, default=1, help="worker processes running children at once (default 1)")
+    sweep.add_argument("--executor", choices=["processes", "ray"], default="processes",
+                       help="run children in spawned processes here, or as Ray tasks (default: %(default)s)")
+    sweep.add_argument("--jobs", type=int, default=None,
+                       help="children at once (default: 1 with processes; with ray, as many as the cluster's CPUs allow)")
     sweep.add_argument("--dry-run", action="store_true", help="list the combinations and exit")
     sweep.set_defaults(command=cmd_sweep)
 
@@ -150,13 +153,14 @@ def cmd_sweep(args) -> int:
         for i, child in enumerate(children, 1):
             print(f"  {i:>3}. {child.label}")
         return 0
-    print(f"{base.name}: running {len(children)} combinations with {args.jobs} worker(s)", file=sys.stderr)
+    at_once = args.jobs or (1 if args.executor == "processes" else "as many as Ray's CPUs allow")
+    print(f"{base.name}: running {len(children)} combinations on {args.executor}, {at_once} at once", file=sys.stderr)
 
     def on_child(outcome) -> None:
         print(f"  {outcome.status:<8} {outcome.label}" + (f"  ({outcome.error})" if outcome.error else ""),
               file=sys.stderr)
 
-    parent, outcomes, frame = run_sweep(path, args.overrides, args.jobs, on_child)
+    parent, outcomes, frame = run_sweep(path, args.overrides, args.jobs, on_child, args.executor)
     if frame is not None:
         print(frame.drop(columns=["run_id"]).to_string(index=False))
     failed = [o.label for o in outcomes if o.status == "FAILED"]

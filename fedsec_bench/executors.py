@@ -1,22 +1,51 @@
-"""Where clients' local training runs. ``local`` trains them one after another in this process."""
+"""Where clients' local training runs: ``local`` (one after another in this process) or ``ray``.
+
+An executor turns a round into, for each sampled client that completed its part, what it
+sent (None when the transport lost it) and the simulator's report. Everything else in the
+round (sampling, server-side hooks, evaluation, logging) stays in the round loop. A client
+that never completed (executor ray: its task failed twice) has no pair at all; the round
+loop counts it in ``fault.failed_clients``.
+"""
 
 from __future__ import annotations
+
+from typing import Protocol
 
 from .client import client_round
 from .messages import ClientContext, ClientReport, Message, RoundContext
 from .plugins import HookChain
+from .runtime import Runtime
+
+ClientResult = tuple[Message | None, ClientReport]
+
+
+class Executor(Protocol):
+    def run_clients(self, round: RoundContext) -> list[ClientResult]: ...
+
+    def close(self) -> None: ...
 
 
 class LocalExecutor:
+    """Clients train one after another on the driver's own model; an exception ends the run."""
+
     def __init__(self, hooks: HookChain):
         self.hooks = hooks
 
-    def run_clients(self, round: RoundContext) -> list[tuple[Message | None, ClientReport]]:
+    def run_clients(self, round: RoundContext) -> list[ClientResult]:
         rt = round.runtime
-        contexts = [ClientContext(cid, round.round, rt.seed_for(round.round, cid), rt, peers=list(round.sampled))
-                    for cid in round.sampled]
-        return [client_round(client, round.global_state, self.hooks) for client in contexts]
+        return [
+            client_round(ClientContext(cid, round.round, rt.seed_for(round.round, cid), rt, peers=list(round.sampled)),
+                         round.global_state, self.hooks)
+            for cid in round.sampled
+        ]
+
+    def close(self) -> None:
+        pass
 
 
-def make_executor(name: str, hooks: HookChain) -> LocalExecutor:
-    return {"local": LocalExecutor}[name](hooks)
+def make_executor(runtime: Runtime, hooks: HookChain) -> Executor:
+    if runtime.scenario.federation.executor == "ray":
+        from .ray_executor import RayExecutor  # ray is an optional dependency
+
+        return RayExecutor(runtime, hooks)
+    return LocalExecutor(hooks)

@@ -8,12 +8,14 @@ import numpy as np
 
 from .evaluation import evaluate
 from .messages import Message, RoundContext
+from .executors import Executor
 from .plugins import HookChain
 from .runtime import Runtime
+from .scenario import FederationConfig
 
 
 class Federation:
-    def __init__(self, runtime: Runtime, hooks: HookChain, executor):
+    def __init__(self, runtime: Runtime, hooks: HookChain, executor: Executor):
         self.rt = runtime
         self.hooks = hooks
         self.executor = executor
@@ -40,12 +42,7 @@ class Federation:
         return evaluate(self.rt.model, self.rt.eval_loader, self.rt.device)
 
     def sample_clients(self, rnd: int) -> list[int]:
-        """uniform: clients_per_round without replacement; poisson: each client with q = k / n."""
-        rng = np.random.default_rng(self.rt.seed_for(rnd))
-        n, k = self.config.num_clients, self.config.clients_per_round
-        if self.config.sampling == "poisson":
-            return np.flatnonzero(rng.random(n) < k / n).tolist()
-        return np.sort(rng.choice(n, size=k, replace=False)).tolist()
+        return sample_clients(self.config, self.rt.seed_for(rnd))
 
     def round_figures(self, round: RoundContext, messages: list[Message], started: float) -> dict[str, float]:
         sent = [m.num_bytes for m in messages]
@@ -55,11 +52,21 @@ class Federation:
             "train.loss": float(np.mean(losses)) if losses else float("nan"),
             "round.clients": float(len(messages)),
             "fault.dropped_clients": float(len(round.sampled) - len(round.delivered)),
+            "fault.failed_clients": float(len(round.sampled) - len(round.reports)),
             "cost.bytes_up": float(np.mean(sent)) if sent else 0.0,
             "cost.bytes_up_total": float(sum(sent)),
             "cost.bytes_down": float(state_bytes),
             "cost.round_seconds": time.perf_counter() - started,
         }
+
+
+def sample_clients(config: FederationConfig, seed: int) -> list[int]:
+    """uniform: clients_per_round without replacement; poisson: each client with q = k / n."""
+    rng = np.random.default_rng(seed)
+    n, k = config.num_clients, config.clients_per_round
+    if config.sampling == "poisson":
+        return np.flatnonzero(rng.random(n) < k / n).tolist()
+    return np.sort(rng.choice(n, size=k, replace=False)).tolist()
 
 
 def _unzip(pairs):

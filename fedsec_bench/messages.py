@@ -32,6 +32,11 @@ class ClientContext:
     """The round's sampled clients, as the server announces them (secure aggregation masks against them)."""
     metrics: dict[str, float] = field(default_factory=dict)
     """Client-side hooks may record figures here; they reach round_end through the report."""
+    notes: dict[str, Any] = field(default_factory=dict)
+    """Simulator-only objects a client-side hook hands to its plugin's server side (e.g. a plaintext
+    update to measure an encryption error), through the report. Client-side hooks may run in another
+    process (executor: ray), so this and ``metrics`` are their only way back: attributes they set
+    on the plugin stay where they ran."""
 
 
 @dataclass
@@ -63,6 +68,7 @@ class ClientReport:
     train_loss: float
     local_steps: int
     metrics: dict[str, float] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -76,3 +82,8 @@ class RoundContext:
     reports: list[ClientReport] = field(default_factory=list)
     delivered: list[int] = field(default_factory=list)
     """Clients whose message reached the server (a transport may lose one: a dropout)."""
+
+    def client_mean(self, key: str) -> dict[str, float]:
+        """``{key: mean}`` of a figure the clients recorded in ``client.metrics`` (empty if none did)."""
+        values = [r.metrics[key] for r in self.reports if key in r.metrics]
+        return {key: sum(values) / len(values)} if values else {}

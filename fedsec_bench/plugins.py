@@ -47,6 +47,8 @@ HOOKS = (
     "round_end",
     "training_end",
 )
+CLIENT_HOOKS = HOOKS[:4]
+"""Hooks that run where the client trains: in this process (executor: local) or on a Ray worker."""
 
 
 class Options(BaseModel):
@@ -71,6 +73,12 @@ class Plugin:
     @classmethod
     def check(cls, options: Options, scenario: Scenario) -> None:
         """Refuse, at load time, combinations that cannot work (raise ValueError with the reason)."""
+
+    def __getstate__(self) -> dict:
+        """Pickled without the runtime: under executor ray, a worker's copy of the plugin runs the
+        client-side hooks with the worker's own runtime (see :mod:`fedsec_bench.ray_executor`).
+        A plugin holding something unpicklable overrides this and ``__setstate__``."""
+        return {k: v for k, v in self.__dict__.items() if k != "runtime"}
 
     # --- client side -------------------------------------------------------------
     def client_data(self, client: ClientContext, texts: list[str]) -> list[str]:
@@ -161,12 +169,12 @@ def parse_options(spec: PluginSpec, kind: str, where: str) -> tuple[type[Plugin]
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            path = ".".join(str(p) for p in err["loc"])
+            path = "".join(f".{p}" for p in err["loc"])  # empty for a check across options
             if err["type"] == "extra_forbidden":
                 fields = list(cls.OptionsModel.model_fields)
-                problems.append(f"{where}.{path}: unknown option of {cls.name}{_suggest(err['loc'][-1], fields)}")
+                problems.append(f"{where}{path}: unknown option of {cls.name}{_suggest(err['loc'][-1], fields)}")
             else:
-                problems.append(f"{where}.{path}: {err['msg'].removeprefix('Value error, ')}")
+                problems.append(f"{where}{path}: {err['msg'].removeprefix('Value error, ')}")
         raise ScenarioError(problems) from None
 
 
@@ -209,6 +217,16 @@ class HookChain:
 
     def __init__(self, plugins: list[Plugin]):
         self.plugins = plugins
+
+    def client_side(self) -> HookChain:
+        """The plugins that have client-side hooks, in order: all a client needs to run its round."""
+        return HookChain([p for p in self.plugins if set(p.hooks()) & set(CLIENT_HOOKS)])
+
+    def bind(self, runtime: Runtime) -> HookChain:
+        """Give every plugin this runtime (a worker's copies arrive without one)."""
+        for p in self.plugins:
+            p.runtime = runtime
+        return self
 
     def client_data(self, client: ClientContext, texts: list[str]) -> list[str]:
         for p in self.plugins:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -56,18 +57,19 @@ def run(
     with Tracker(scenario, parent_run_id=parent_run_id) as tracker:
         runtime = build_runtime(scenario, data, device, tracker.artifact_dir)
         hooks = HookChain([cls(options, runtime) for _, cls, options in plugin_specs])
-        federation = Federation(runtime, hooks, make_executor(scenario.federation.executor, hooks))
-        history = [{"round": 0, **federation.evaluate()}]
-        tracker.log_metrics(history[0], step=0)
-        for rnd in range(1, scenario.federation.rounds + 1):
-            metrics = federation.run_round(rnd)
-            tracker.log_metrics(metrics, step=rnd)
-            history.append({"round": rnd, **metrics})
-            if on_round:
-                on_round(rnd, metrics)
-        closing = hooks.training_end(runtime)
-        tracker.log_metrics(closing, step=scenario.federation.rounds)
-        history[-1].update(closing)
+        with closing(make_executor(runtime, hooks)) as executor:
+            federation = Federation(runtime, hooks, executor)
+            history = [{"round": 0, **federation.evaluate()}]
+            tracker.log_metrics(history[0], step=0)
+            for rnd in range(1, scenario.federation.rounds + 1):
+                metrics = federation.run_round(rnd)
+                tracker.log_metrics(metrics, step=rnd)
+                history.append({"round": rnd, **metrics})
+                if on_round:
+                    on_round(rnd, metrics)
+        at_end = hooks.training_end(runtime)
+        tracker.log_metrics(at_end, step=scenario.federation.rounds)
+        history[-1].update(at_end)
         frame = history_frame(history)
         final = final_metrics(frame)
         violations = audit_violations(final)

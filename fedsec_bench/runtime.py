@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from .data import FederatedData
@@ -33,8 +34,18 @@ class Runtime:
     """Plugins write tables and plots here; the folder is logged to MLflow at the end."""
 
     def seed_for(self, *keys: int) -> int:
-        """A seed for (round, client, ...) that depends only on the scenario seed and the keys."""
-        return int(np.random.SeedSequence([self.scenario.seed, *keys]).generate_state(1)[0])
+        return derive_seed(self.scenario.seed, *keys)
+
+    def write_table(self, name: str, rows: list[dict] | pd.DataFrame) -> Path:
+        """A plugin's per-run table, as ``artifacts/<name>`` (CSV, no index): kept with the run and logged to MLflow."""
+        path = self.artifact_dir / name
+        pd.DataFrame(rows).to_csv(path, index=False)
+        return path
+
+
+def derive_seed(scenario_seed: int, *keys: int) -> int:
+    """A seed for (round, client, ...) that depends only on the scenario seed and the keys."""
+    return int(np.random.SeedSequence([scenario_seed, *keys]).generate_state(1)[0])
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -51,8 +62,16 @@ def build_runtime(scenario: Scenario, data: FederatedData, device: torch.device,
     model = make_model(scenario.model, tokenizer, scenario.seed).to(device)
     if scenario.model.pretrain.steps:
         pretrain(model, tokenizer, data.public, scenario, device)
-    model = apply_tuning(model, scenario.tuning)
+    return assemble_runtime(scenario, data, device, tokenizer, apply_tuning(model, scenario.tuning), artifact_dir)
+
+
+def assemble_runtime(
+    scenario: Scenario, data: FederatedData, device: torch.device, tokenizer, model: torch.nn.Module, artifact_dir: Path
+) -> Runtime:
+    """A runtime around a tokenizer and a tuned model that exist already: the driver's own, or a
+    Ray worker's copy of them (so that every worker trains exactly the driver's model)."""
     batcher = Batcher(tokenizer, scenario.data.seq_len, scenario.federation.batch_size)
+    model = model.to(device)
     return Runtime(
         scenario, device, data, tokenizer, model, TrainableState(model), batcher,
         eval_loader=batcher.loader(data.heldout), artifact_dir=artifact_dir,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import re
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -124,6 +125,12 @@ class DataConfig(Section):
     label_field: str = Field("topic", description="Column used by dirichlet partitioning (synthetic data has topics).")
     examples_per_client: int = Field(32, ge=1, description="synthetic only: mean examples per client.")
     topics: int = Field(8, ge=1, description="synthetic only: number of topics.")
+    difficulty: Literal["uniform", "mixed"] = Field(
+        "uniform", description="synthetic only. uniform: template sentences, all about equally predictable. "
+        "mixed: the same sentences, half of them followed by 1-8 high-entropy tokens (random numbers, made-up "
+        "words), so examples differ in intrinsic difficulty as in real text; drawn alike in every split, "
+        "members and non-members included. What per-example calibration (reference, lira, rmia) corrects."
+    )
     heldout_examples: int = Field(64, ge=2, description="Held-out (non-member) examples for eval and attacks.")
     public_examples: int = Field(
         256, ge=1, description="Public examples, in no client's data and not held out: they train the BPE "
@@ -149,6 +156,21 @@ class PluginSpec(BaseModel):
     name: str
 
 
+class RayConfig(Section):
+    address: str | None = Field(
+        None,
+        description="Unset: start a Ray instance on this machine. auto: join the cluster started here with "
+        "`ray start --head`. host:6379 or ray://host:10001: join that cluster.",
+    )
+    num_cpus_per_client: float = Field(1.0, gt=0, description="CPUs reserved by each client worker.")
+    num_gpus_per_client: float = Field(0.0, ge=0, description="GPUs reserved by each client worker (fractions share one).")
+    max_concurrency: int | None = Field(
+        None, ge=1,
+        description="Client workers (Ray actors), i.e. clients training at once. Unset: as many as the "
+        "cluster's CPUs (and GPUs) allow, at most clients_per_round.",
+    )
+
+
 class FederationConfig(Section):
     num_clients: int = Field(4, ge=1, description="Registered clients, each with its own data.")
     clients_per_round: int = Field(2, ge=1, description="Sampled per round (the expected number with poisson).")
@@ -171,7 +193,10 @@ class FederationConfig(Section):
         description="Aggregation rule: a name (fedavg, krum, ...) or {name: ..., <its options>}.",
     )
     eval_every: int = Field(1, ge=1, description="Evaluate every k rounds (and always after the last).")
-    executor: Literal["local"] = Field("local", description="Where clients train: local (this process).")
+    executor: Literal["local", "ray"] = Field(
+        "local", description="Where clients train: local (one after another in this process) or ray (Ray workers)."
+    )
+    ray: RayConfig = Field(default_factory=RayConfig, description="executor: ray only.")
 
     @field_validator("aggregator", mode="before")
     @classmethod
@@ -186,6 +211,13 @@ class FederationConfig(Section):
                 f"federation.num_clients ({self.num_clients})"
             )
         return self
+
+    @field_validator("executor")
+    @classmethod
+    def _ray_installed(cls, value: str) -> str:
+        if value == "ray" and importlib.util.find_spec("ray") is None:
+            raise ValueError("ray is not installed; pip install 'fedsec-bench[ray]', or use executor: local")
+        return value
 
 
 class TrackingConfig(Section):

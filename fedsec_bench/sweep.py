@@ -1,15 +1,17 @@
 """Sweeps: expand a scenario's ``matrix:`` and run every combination as a child of one MLflow run.
 
-Children run in worker processes (spawned, so each has its own torch state); one
-child failing is recorded (its own run is marked FAILED) and the others go on.
-Every combination is validated before the first one starts, so a bad alternative
-costs nothing.
+Children run in worker processes on this machine (spawned, so each has its own torch
+state) or as Ray tasks (``--executor ray``: on a local Ray instance or a cluster, each
+reserving the base scenario's ``federation.ray`` CPUs and GPUs). One child failing is
+recorded (its own run is marked FAILED) and the others go on. Every combination is
+validated before the first one starts, so a bad alternative costs nothing.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -67,14 +69,24 @@ def _short(value) -> str:
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
-def run_sweep(path: str | Path, overrides: list[str] | None, jobs: int, on_child=None):
-    """Run every child under a parent MLflow run; returns (parent run id, outcomes, comparison frame)."""
+def run_sweep(path: str | Path, overrides: list[str] | None, jobs: int | None, on_child=None, executor: str = "processes"):
+    """Run every child under a parent MLflow run; returns (parent run id, outcomes, comparison frame).
+
+    ``jobs``: children at once (processes: default 1; ray: default all, as the cluster's CPUs allow).
+    """
     from .compare import compare_runs, log_comparison
     from .tracking import Tracker
 
     base, children = expand(read_yaml(path), overrides)
+    run_all = _on_ray if executor == "ray" else _in_processes
     with Tracker(base, kind="sweep") as parent:
-        outcomes = _run_children(children, parent.run_id, jobs, on_child)
+        outcomes = []
+        for outcome in run_all(base, children, parent.run_id, jobs):
+            outcomes.append(outcome)
+            if on_child:
+                on_child(outcome)
+        order = {c.label: i for i, c in enumerate(children)}
+        outcomes.sort(key=lambda o: order[o.label])
         parent.log_metrics({"sweep.children": len(outcomes),
                             "sweep.failed": sum(o.status == "FAILED" for o in outcomes)}, step=0)
         ids = [o.run_id for o in outcomes if o.run_id]
@@ -86,21 +98,43 @@ def run_sweep(path: str | Path, overrides: list[str] | None, jobs: int, on_child
     return parent.run_id, outcomes, frame
 
 
-def _run_children(children: list[Child], parent_run_id: str | None, jobs: int, on_child) -> list[ChildOutcome]:
-    outcomes = []
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+def _in_processes(base: Scenario, children: list[Child], parent_run_id: str | None, jobs: int | None):
+    """Yield each child's outcome as it finishes, from a pool of spawned processes."""
+    with ProcessPoolExecutor(max_workers=jobs or 1, mp_context=get_context("spawn")) as pool:
         futures = {pool.submit(_run_child, child, parent_run_id): child for child in children}
         for future in as_completed(futures):
-            child = futures[future]
             try:
-                outcome = future.result()
+                yield future.result()
             except Exception as exc:  # the worker itself died: the child never reported back
-                outcome = ChildOutcome(child.label, "FAILED", None, f"worker died: {exc}")
-            outcomes.append(outcome)
-            if on_child:
-                on_child(outcome)
-    order = {c.label: i for i, c in enumerate(children)}
-    return sorted(outcomes, key=lambda o: order[o.label])
+                yield ChildOutcome(futures[future].label, "FAILED", None, f"worker died: {exc}")
+
+
+def _on_ray(base: Scenario, children: list[Child], parent_run_id: str | None, jobs: int | None):
+    """Yield each child's outcome as it finishes, from Ray tasks (a task whose worker dies is retried once)."""
+    import ray
+
+    from .ray_executor import connect
+
+    config = base.federation.ray
+    started = connect(config)
+    task = ray.remote(_run_child).options(
+        num_cpus=config.num_cpus_per_client, num_gpus=config.num_gpus_per_client, max_retries=1
+    )
+    waiting, running = deque(children), {}
+    try:
+        while waiting or running:
+            while waiting and len(running) < (jobs or len(children)):
+                child = waiting.popleft()
+                running[task.remote(child, parent_run_id)] = child
+            [ref], _ = ray.wait(list(running), num_returns=1)
+            child = running.pop(ref)
+            try:
+                yield ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                yield ChildOutcome(child.label, "FAILED", None, f"worker died: {str(exc).splitlines()[0]}")
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _run_child(child: Child, parent_run_id: str | None) -> ChildOutcome:

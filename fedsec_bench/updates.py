@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .messages import State
@@ -21,3 +22,12 @@ def unflatten(vector: torch.Tensor, like: State) -> State:
 
 def l2_norm(update: State) -> float:
     return float(torch.sqrt(sum((t.float() ** 2).sum() for t in update.values())))
+
+
+def as_state(flat: np.ndarray, like: State) -> State:
+    """A flat aggregate (as a defense decrypts or unmasks it) back to named tensors of the global
+    state's dtypes and device."""
+    return {
+        name: t.to(dtype=like[name].dtype, device=like[name].device)
+        for name, t in unflatten(torch.from_numpy(flat), like).items()
+    }

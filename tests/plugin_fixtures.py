@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Literal
+
 import torch
 
 from fedsec_bench.messages import Message
@@ -93,4 +97,35 @@ class Crash(Plugin):
         raise RuntimeError("boom in round_end")
 
 
-ENTRY_POINTS = {cls.name: f"plugin_fixtures:{cls.__name__}" for cls in (Recorder, OpaqueTransport, FullOnly, Crash)}
+class FlakyClientOptions(Options):
+    client: int = 0
+    failure: Literal["raise", "exit"] = "raise"
+    failures: int = 1
+    marker_dir: str
+
+
+class FlakyClient(Plugin):
+    """One client's local training fails on its first ``failures`` attempts: it raises, or its
+    worker process dies (executor: ray). Attempts are counted in files, since a Ray worker's
+    changes to the plugin do not come back."""
+
+    name = "flaky_client"
+    kind = "attack"
+    OptionsModel = FlakyClientOptions
+
+    def local_training(self, client, training):
+        if client.client_id != self.options.client:
+            return training
+        markers = Path(self.options.marker_dir)
+        attempt = len(list(markers.glob("attempt-*")))
+        (markers / f"attempt-{attempt}").touch()
+        if attempt < self.options.failures:
+            if self.options.failure == "exit":
+                os._exit(1)
+            raise RuntimeError(f"flaky client {client.client_id}, attempt {attempt}")
+        return training
+
+
+ENTRY_POINTS = {
+    cls.name: f"plugin_fixtures:{cls.__name__}" for cls in (Recorder, OpaqueTransport, FullOnly, Crash, FlakyClient)
+}

@@ -8,6 +8,7 @@ import tracemalloc
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from fedsec_bench import ScenarioError, load_scenario
 from fedsec_bench.data import build_federated_data
@@ -46,6 +47,41 @@ def test_members_heldout_and_public_splits_are_disjoint(tiny):
     assert len(data.heldout) == 500 and len(data.public) == 500
     assert not set(data.heldout) & set(data.pool)
     assert not set(data.public) & (set(data.pool) | set(data.heldout))
+
+
+def noise_count(text: str) -> int:
+    """Random tokens appended after a template sentence (which ends with " .")."""
+    return len(text.split(" . ", 1)[1].split()) if " . " in text else 0
+
+
+def test_mixed_difficulty_appends_noise_to_the_same_sentences(tiny):
+    """The sentences are drawn before any noise, so uniform (the default) is what it always was and
+    mixed is the same sentences, half of them with 1 to MAX_NOISE_TOKENS random tokens."""
+    from fedsec_bench.data.synthetic import MAX_NOISE_TOKENS
+    from fedsec_bench.scenario import DataConfig
+
+    assert f"1-{MAX_NOISE_TOKENS} " in DataConfig.model_fields["difficulty"].description  # the reference says so
+
+    tiny["data"].update(examples_per_client=100)
+    uniform, mixed = data_for(tiny), data_for(tiny, "data.difficulty=mixed")
+    assert data_for(tiny, "data.difficulty=uniform").pool == uniform.pool
+    assert all(m.startswith(u) for u, m in zip(uniform.pool, mixed.pool, strict=True))
+    counts = [noise_count(t) for t in mixed.pool]
+    assert {noise_count(t) for t in uniform.pool} == {0}
+    assert set(counts) == set(range(MAX_NOISE_TOKENS + 1))
+    assert 0.4 < counts.count(0) / len(counts) < 0.6
+    assert mixed.pool == data_for(tiny, "data.difficulty=mixed").pool  # deterministic in the seed
+
+
+def test_mixed_difficulty_is_the_same_for_members_and_non_members(tiny):
+    """Membership inference needs held-out texts from the members' distribution: difficulty included."""
+    tiny["data"].update(difficulty="mixed", examples_per_client=500, heldout_examples=2000)
+    data = data_for(tiny)
+    members = np.array([noise_count(t) for t in data.pool])
+    heldout = np.array([noise_count(t) for t in data.heldout])
+    assert not set(data.heldout) & set(data.pool)
+    assert abs((members == 0).mean() - (heldout == 0).mean()) < 0.05
+    assert stats.ks_2samp(members, heldout).pvalue > 0.01
 
 
 def test_canary_clients_must_exist(tiny):

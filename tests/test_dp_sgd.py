@@ -21,7 +21,7 @@ from fedsec_bench.errors import ScenarioError
 from fedsec_bench.runtime import build_runtime
 from fedsec_bench.scenario import load_scenario
 from fedsec_bench.defenses.dp_sgd import (
-    GRAD_SAMPLE_MODE, ClientBudget, PrivateTraining, per_example_losses, sequence_losses,
+    GRAD_SAMPLE_MODE, ClientBudget, Mechanism, PrivateTraining, per_example_losses, sequence_losses,
 )
 
 MODES = ["full", "lora", "prompt"]
@@ -74,7 +74,7 @@ def private_training(rt, steps, sample_rate, sigma=1.0):
     return PrivateTraining(
         model=rt.model, optimizer=make_optimizer(list(rt.trainable.params.values()), rt.scenario.federation),
         loader=rt.batcher.loader(texts, seed=0), steps=steps, device=rt.device, tuning_mode="lora",
-        budget=ClientBudget(len(texts), sample_rate, sigma, RDPAccountant()), generator=torch.Generator().manual_seed(0),
+        mechanism=Mechanism(len(texts), sample_rate, sigma), generator=torch.Generator().manual_seed(0),
     )
 
 
@@ -83,7 +83,6 @@ def test_private_training_leaves_the_shared_model_plain(tiny, tmp_path):
     training = private_training(rt, steps=3, sample_rate=0.25)
     before = rt.trainable.snapshot()
     training.run()
-    assert training.budget.steps == 3 and training.budget.accountant.history == [(1.0, 0.25, 3)]
     assert any(not torch.equal(before[n], p) for n, p in rt.trainable.params.items()), "it trained"
     for module in rt.model.modules():
         assert not module._forward_hooks and not module._backward_hooks, type(module).__name__
@@ -97,13 +96,23 @@ def test_poisson_batches_have_binomial_sizes_and_empty_ones_are_noise_only_steps
     training = private_training(rt, steps=400, sample_rate=0.25)
     sizes = torch.tensor([b["input_ids"].shape[0] for b in training.batches()], dtype=torch.float)
     assert sizes.numel() == 400
-    assert abs(sizes.mean().item() - 0.25 * training.budget.examples) < 0.3  # Binomial(n, q) has mean n·q
+    assert abs(sizes.mean().item() - 0.25 * training.mechanism.examples) < 0.3  # Binomial(n, q) has mean n·q
     sparse = private_training(rt, steps=3, sample_rate=0.01)  # almost every batch is empty
     assert sum(b["input_ids"].shape[0] for b in sparse.batches()) == 0
     before = rt.trainable.snapshot()
-    sparse.run()  # an empty Poisson batch is still a step of the mechanism: noise, and accounted
-    assert sparse.budget.steps == 3
+    sparse.run()  # an empty Poisson batch is still a step of the mechanism: noise (and accounted, below)
     assert any(not torch.equal(before[n], p) for n, p in rt.trainable.params.items())
+
+
+def test_the_ledger_composes_each_reported_step_of_the_mechanism():
+    mechanism = Mechanism(examples=64, sample_rate=0.25, noise_multiplier=1.0)
+    budget = ClientBudget(mechanism, RDPAccountant())
+    budget.spend(mechanism, 3)
+    budget.spend(mechanism, 2)
+    assert budget.steps == 5 and budget.accountant.history == [(1.0, 0.25, 5)]
+    at_once = RDPAccountant()
+    at_once.history = [(1.0, 0.25, 5)]
+    assert budget.epsilon(1e-5) == pytest.approx(at_once.get_epsilon(delta=1e-5))
 
 
 def dp_run(tiny, mode="lora", arch="gpt2", optimizer="sgd", lr=4.0, **options):

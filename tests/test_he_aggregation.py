@@ -16,7 +16,7 @@ from fedsec_bench import load_scenario, run
 from fedsec_bench.aggregation import fedavg
 from fedsec_bench.defenses.he_aggregation import EncryptedSum, HEAggregation, HEAggregationOptions, KeyHolders
 from fedsec_bench.errors import ScenarioError
-from fedsec_bench.messages import ClientContext, Message, RoundContext
+from fedsec_bench.messages import ClientContext, ClientReport, Message, RoundContext
 from fedsec_bench.scenario import Scenario
 from fedsec_bench.updates import flatten
 
@@ -57,6 +57,14 @@ def stub_runtime(mode: str) -> SimpleNamespace:
     return SimpleNamespace(scenario=SimpleNamespace(seed=0, tuning=SimpleNamespace(mode=mode)))
 
 
+def encrypted_round(plugin, runtime, plain: list[Message], like) -> tuple[list[Message], RoundContext]:
+    """Each client's transport, then the round as the server's hooks get it (with the clients' reports)."""
+    clients = [ClientContext(m.client_id, 1, 0, runtime) for m in plain]
+    sent = [plugin.transport(c, m) for c, m in zip(clients, plain)]
+    reports = [ClientReport(c.client_id, m.num_examples, 0.0, 1, c.metrics, c.notes) for c, m in zip(clients, plain)]
+    return sent, RoundContext(1, runtime, [m.client_id for m in plain], like, reports)
+
+
 @pytest.mark.parametrize("spool", ["memory", "disk"])
 def test_decrypted_aggregate_is_fedavg_within_ckks_error(spool):
     """Three clients, an update spanning three ciphertexts (the last one partial), unequal example counts."""
@@ -70,14 +78,14 @@ def test_decrypted_aggregate_is_fedavg_within_ckks_error(spool):
         Message.plain(cid, n, {k: torch.randn(t.shape, generator=gen) * 0.01 for k, t in like.items()})
         for cid, n in enumerate(counts)
     ]
-    sent = [plugin.transport(ClientContext(m.client_id, 1, 0, runtime), m) for m in plain]
+    sent, round = encrypted_round(plugin, runtime, plain, like)
     for message in sent:
         chunks = message.payload.chunks
         assert len(chunks) == math.ceil(8300 / 4096)  # packed N/2 values per ciphertext, not one per value
         assert message.num_bytes == sum(len(chunks[j]) for j in range(len(chunks)))
-    aggregate = plugin.aggregation(RoundContext(1, runtime, [0, 1, 2], like), sent)
+    aggregate = plugin.aggregation(round, sent)
     error = (flatten(aggregate) - flatten(fedavg(plain, like))).abs().max().item()
-    figures = plugin.round_end(RoundContext(1, runtime, [0, 1, 2], like), {})
+    figures = plugin.round_end(round, {})
     assert error < CKKS_TOLERANCE
     assert figures["he.max_abs_error"] == pytest.approx(error, abs=1e-8)  # up to the float32 rounding of the model
     assert figures["he.expansion_ratio"] == pytest.approx(np.mean([m.num_bytes for m in sent]) / (4 * 8300))
@@ -146,8 +154,7 @@ def test_throughput_against_raw_tenseal(benchmark, one_thread):
     plain = [Message.plain(c, 10 + c, {"w": torch.randn(size, generator=gen)}) for c in range(clients)]
 
     def he_path():
-        sent = [plugin.transport(ClientContext(m.client_id, 1, 0, runtime), m) for m in plain]
-        plugin.aggregation(RoundContext(1, runtime, list(range(clients)), like), sent)
+        plugin.aggregation(*reversed(encrypted_round(plugin, runtime, plain, like)))
 
     def raw_tenseal():
         context, slots = plugin.key_holders.context, plugin.key_holders.slots

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,15 +170,43 @@ def overfit_run(tmp_path_factory):
 
 
 def test_an_overfit_model_leaks_membership_to_every_attack(overfit_run):
-    """Loss, reference and LiRA all detect members of an overfit model. (That the calibrated ones
-    beat loss is not asserted: on template sentences of near-equal difficulty they have little to
-    calibrate; test_lira_calibrates_per_example_difficulty shows where they win.)"""
+    """Loss, reference and LiRA all detect members of an overfit model. (Which is strongest is not
+    asserted here: a model trained from scratch on template sentences of near-equal difficulty
+    leaves calibration little to correct; test_calibrated_attacks_beat_the_loss_attack_when_difficulty_varies
+    asserts it with a pretrained model on the mixed-difficulty corpus.)"""
     final = overfit_run.final
     assert final["mia.num_samples"] == 34  # two clients' 16 texts each and their 2 canaries
     for method in ("loss", "reference", "lira", "lira_offline"):
         assert final[f"mia.{method}.auc"] >= 0.8, method
     assert final["mia.auc"] == max(final[f"mia.{m}.auc"] for m in ("loss", "reference", "lira", "lira_offline"))
     assert final["mia.eps_lower_bound"] > 0  # an undefended, overfit model: some leakage is certified
+
+
+def test_calibrated_attacks_beat_the_loss_attack_when_difficulty_varies(tmp_path):
+    """The must-hold of membership inference, on scenarios/membership.yaml: a model fine-tuned to
+    overfit gives the loss attack AUC ≥ 0.8, and the reference and LiRA attacks do better.
+
+    Calibration wins when examples differ in intrinsic difficulty (Carlini et al. 2022), and only
+    a model that knows the language can tell which are easy. So the scenario pretrains its model
+    on the public split before fine-tuning, and its ``data.difficulty: mixed`` corpus follows half
+    the sentences with 1-8 random tokens, so a hard member can have a higher loss than an easy
+    non-member. With 36 members per side one seed proves little: ``benchmarks/membership_seeds.py``
+    runs this check on seeds 0-10 (results/membership/seeds*.md: the order held in all 11, loss
+    AUC was 0.79 in one; without pretraining the reference attack fell below loss in 8 of 11).
+    Seed 8's margins are typical of the 11.
+    """
+    import yaml
+
+    from fedsec_bench import run
+
+    scenario = yaml.safe_load((Path(__file__).parent.parent / "scenarios" / "membership.yaml").read_text())
+    scenario["seed"] = 8
+    scenario["attacks"] = [{"name": "membership_inference", "method": ["loss", "reference", "lira"], "canaries": True}]
+    scenario["tracking"] = {"enabled": False, "output_dir": str(tmp_path / "runs")}
+    final = run(scenario).final
+    loss = final["mia.loss.auc"]
+    assert loss >= 0.8
+    assert final["mia.reference.auc"] > loss and final["mia.lira.auc"] > loss
 
 
 def test_the_scores_table_and_roc_curve_are_written(overfit_run):

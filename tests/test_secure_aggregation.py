@@ -3,7 +3,6 @@ and the observer interface: the server-side probe reads nothing under either tra
 
 from __future__ import annotations
 
-import time
 from types import SimpleNamespace
 
 import numpy as np

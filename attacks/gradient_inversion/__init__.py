@@ -22,7 +22,6 @@ import time
 from typing import Literal
 
 import numpy as np
-import pandas as pd
 from pydantic import Field
 
 from fedsec_bench.client import local_steps
@@ -109,7 +108,7 @@ class GradientInversion(Plugin):
             return figures
         view = ModelView(self.runtime, round.global_state)
         rows = [self._attack(view, round, [m.client_id], m.payload, messages=[m]) for m in plain]
-        self._write_table()
+        self.runtime.write_table(TABLE, self.rows)
         return figures | metrics.summarize(rows, "inversion")
 
     def post_aggregation(self, round: RoundContext, aggregate: State) -> State:
@@ -118,7 +117,7 @@ class GradientInversion(Plugin):
         if messages and isinstance(aggregate, dict):
             view = ModelView(self.runtime, round.global_state)
             row = self._attack(view, round, [m.client_id for m in messages], aggregate, messages)
-            self._write_table()
+            self.runtime.write_table(TABLE, self.rows)
             self.aggregate_figures = metrics.summarize([row], "inversion.aggregate")
         return aggregate
 
@@ -164,7 +163,4 @@ class GradientInversion(Plugin):
             if leaked.rank_condition is not False:  # a set read past its condition would mislead
                 tokens = [t for t in leaked.sequences[0] if t not in special] or None
         return optimization(view, grad, positions, o, tokens, batch, seed)
-
-    def _write_table(self) -> None:
-        pd.DataFrame(self.rows).to_csv(self.runtime.artifact_dir / TABLE, index=False)
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ScenarioError
-from ..scenario import Scenario
+from ..scenario import DataConfig, Scenario
 from .partition import partition
 from .sources import read_records
 from .synthetic import Canary, make_canaries, sentences
@@ -49,9 +49,9 @@ def build_federated_data(scenario: Scenario) -> FederatedData:
     np_rng = np.random.default_rng(scenario.seed)
     try:
         if cfg.source == "synthetic":
-            pool, labels = sentences(rng, fed.num_clients * cfg.examples_per_client, cfg.topics)
-            heldout = fresh_sentences(rng, cfg.heldout_examples, cfg.topics, exclude=set(pool))
-            public = fresh_sentences(rng, cfg.public_examples, cfg.topics, exclude=set(pool) | set(heldout))
+            pool, labels = sentences(rng, fed.num_clients * cfg.examples_per_client, cfg.topics, cfg.difficulty)
+            heldout = fresh_sentences(rng, cfg.heldout_examples, cfg, exclude=set(pool))
+            public = fresh_sentences(rng, cfg.public_examples, cfg, exclude=set(pool) | set(heldout))
         else:
             frame = read_records(cfg)
             order = np_rng.permutation(len(frame))
@@ -75,11 +75,11 @@ def build_federated_data(scenario: Scenario) -> FederatedData:
     return FederatedData(pool, parts, heldout, public, _plant(scenario, rng))
 
 
-def fresh_sentences(rng: random.Random, count: int, num_topics: int, exclude: set[str]) -> list[str]:
+def fresh_sentences(rng: random.Random, count: int, cfg: DataConfig, exclude: set[str]) -> list[str]:
     """Sentences outside ``exclude``: a held-out "non-member" is never secretly a member."""
     out: list[str] = []
     while len(out) < count:
-        batch, _ = sentences(rng, count - len(out), num_topics)
+        batch, _ = sentences(rng, count - len(out), cfg.topics, cfg.difficulty)
         out.extend(s for s in batch if s not in exclude)
     return out
 

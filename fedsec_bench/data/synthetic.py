@@ -5,6 +5,13 @@ partition leans to a topic writes about that topic. Canaries are secrets (card a
 phone numbers, emails, names) inside templates, inserted into chosen clients' data a
 known number of times. Members and held-out non-members are drawn from the same
 distribution, which membership inference needs for its figures to mean anything.
+
+Two difficulty profiles (``data.difficulty``). ``uniform``: template sentences only, all
+about equally predictable. ``mixed``: each example also draws its own difficulty, a
+number of high-entropy tokens (random numbers and made-up rare words) appended to its
+sentence, from none to :data:`MAX_NOISE_TOKENS`. Real text is like that: some examples are
+easy for any model and some are outliers, and per-example calibration (reference models,
+LiRA, RMIA; Carlini et al. 2022) only has something to calibrate when difficulty varies.
 """
 
 from __future__ import annotations
@@ -78,6 +85,12 @@ CANARY_PREFIXES = {
     "name": "the patient in room {room} is called ",
 }
 
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+EASY_FRACTION = 0.5
+"""mixed difficulty: the share of plain template sentences."""
+MAX_NOISE_TOKENS = 8
+"""mixed difficulty: the hardest examples carry this many noise tokens."""
+
 
 @dataclass(frozen=True)
 class Canary:
@@ -108,10 +121,37 @@ def sentence(rng: random.Random, topic: str) -> str:
     )
 
 
-def sentences(rng: random.Random, count: int, num_topics: int) -> tuple[list[str], list[int]]:
-    """``count`` sentences with topics drawn uniformly from the first ``num_topics``."""
+def noise_token(rng: random.Random) -> str:
+    """One high-entropy token: a random number of 1–4 digits or a made-up word of 3–6 letters."""
+    if rng.random() < 0.5:
+        return str(rng.randrange(10 ** rng.randint(1, 4)))
+    return "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6)))
+
+
+def with_difficulty(rng: random.Random, text: str) -> str:
+    """``text`` followed by its own number of noise tokens: none with probability
+    :data:`EASY_FRACTION`, else 1 to :data:`MAX_NOISE_TOKENS` (uniform). The more noise
+    tokens, the higher the text's loss under any model that has not memorised it."""
+    if rng.random() < EASY_FRACTION:
+        return text
+    return text + " " + " ".join(noise_token(rng) for _ in range(rng.randint(1, MAX_NOISE_TOKENS)))
+
+
+def sentences(
+    rng: random.Random, count: int, num_topics: int, difficulty: str = "uniform"
+) -> tuple[list[str], list[int]]:
+    """``count`` sentences with topics drawn uniformly from the first ``num_topics``.
+
+    ``difficulty="mixed"`` gives each sentence its own difficulty (:func:`with_difficulty`),
+    drawn after the sentences, so ``uniform`` draws exactly what it always drew.
+    """
     topics = [rng.randrange(min(num_topics, len(TOPIC_NAMES))) for _ in range(count)]
-    return [sentence(rng, TOPIC_NAMES[t]) for t in topics], topics
+    texts = [sentence(rng, TOPIC_NAMES[t]) for t in topics]
+    if difficulty == "mixed":
+        texts = [with_difficulty(rng, t) for t in texts]
+    elif difficulty != "uniform":
+        raise ValueError(f"unknown difficulty {difficulty!r}")
+    return texts, topics
 
 
 def make_secret(kind: str, rng: random.Random) -> str:
