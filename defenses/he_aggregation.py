@@ -164,7 +164,7 @@ class EncryptedSum:
         """``sum_i weights[i] * ciphertexts[i]`` with plaintext scalar weights, serialized for the key holders."""
         total = None
         for ciphertext, weight in zip(ciphertexts, weights):
-            term = ts.ckks_vector_from(self.context, ciphertext) * weight
+            term = ts.ckks_vector_from(self.context, ciphertext).mul_(weight)  # in place: no copy of the ciphertext
             total = term if total is None else total.add_(term)
         return total.serialize()
 

@@ -20,7 +20,7 @@ change its vote), except ``geomedian`` whose RFA definition weights by examples.
 
 from __future__ import annotations
 
-import csv
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -44,16 +44,37 @@ class Robust:
 
 
 def pairwise_sq_distances(X: torch.Tensor) -> torch.Tensor:
-    """(n, n) squared Euclidean distances, through one Gram matrix of the centred updates.
+    """(n, n) squared Euclidean distances, through a Gram matrix of the centred updates.
 
     Centring first (distances do not change) keeps the ||a||² + ||b||² − 2ab form from
-    cancelling catastrophically when updates share a large common part.
+    cancelling catastrophically when updates share a large common part. The product is
+    made exactly symmetric (BLAS may round a·b and b·a differently), so that equal
+    distances tie exactly and the rules' tie-breaks by client index apply.
     """
-    centred = X - X.mean(0)
-    gram = centred @ centred.T
+    gram = X.new_zeros(X.shape[0], X.shape[0])
+    for cols in _cache_blocks(X):
+        block = X[:, cols]
+        centred = block - block.mean(0)
+        gram.addmm_(centred, centred.T)
+    gram = (gram + gram.T) / 2
     sq = gram.diagonal()
     dist = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0)
     return dist.fill_diagonal_(0)
+
+
+def _cache_blocks(X: torch.Tensor) -> list[slice]:
+    """Column slices for work over all clients at once (the Gram matrix, distances to a point).
+
+    On one CPU thread, blocks of about 2^18 values: each block's temporaries stay in
+    cache, where an (n, d) temporary costs a pass through memory and fresh pages (the
+    Gram matrix runs 2–3× faster). With more threads, one block: every op on a block
+    (a BLAS call above all) would wake the thread pool, and thousands of such wake-ups
+    stall badly when other processes hold the cores.
+    """
+    n, d = X.shape
+    single = X.device.type == "cpu" and torch.get_num_threads() == 1
+    width = max(1, (1 << 18) // max(1, n)) if single else max(1, d)
+    return [slice(c, c + width) for c in range(0, max(1, d), width)]
 
 
 def krum_scores(dist: torch.Tensor, f: int, min_neighbours: int = 0) -> torch.Tensor:
@@ -88,10 +109,22 @@ def krum(X: torch.Tensor, f: int) -> Robust:
 
 def trimmed_mean(X: torch.Tensor, b: int) -> Robust:
     """Coordinate-wise trimmed mean (Yin et al. 2018): per coordinate, drop the b largest
-    and b smallest values and average the remaining n − 2b. Needs n − 2b ≥ 1."""
+    and b smallest values and average the remaining n − 2b. Needs n − 2b ≥ 1.
+
+    A NaN counts as +∞ (so it is trimmed as a largest value). A client's share counts the
+    coordinates where its value lies between the smallest and the largest kept value:
+    exactly its kept values, unless ties straddle a cut, where the tied clients all count.
+    """
     n = X.shape[0]
-    values, owner = X.sort(dim=0)
-    return _kept(values[b : n - b], owner[b : n - b], n)
+    network = _sorting_network(n, b, n - b)
+    aggregate = X.new_empty(X.shape[1])
+    counts = X.new_zeros(n, dtype=torch.float64)
+    for cols in _column_blocks(X):
+        updates = [x[cols] for x in X]
+        kept = _sort_columns(updates, network)[b : n - b]
+        aggregate[cols] = _mean(kept)
+        counts += _within(updates, kept[0], kept[-1])
+    return Robust(aggregate, _fractions(counts, X.dtype))
 
 
 def median(X: torch.Tensor) -> Robust:
@@ -102,10 +135,100 @@ def median(X: torch.Tensor) -> Robust:
     return trimmed_mean(X, (X.shape[0] - 1) // 2)
 
 
-def _kept(values: torch.Tensor, owner: torch.Tensor, n: int) -> Robust:
-    """Average the kept values per coordinate; a client's share is its fraction of them."""
-    counts = torch.bincount(owner.reshape(-1), minlength=n).to(values.dtype)
-    return Robust(values.mean(0), counts / owner.numel())
+# Order statistics on the CPU. torch.sort along the client axis runs one small scalar
+# sort per coordinate, several times slower than numpy's, so the values are sorted by a
+# sorting network instead: a fixed sequence of compare-exchanges, each an elementwise min
+# and max of two clients' values over a block of coordinates. The work goes block by
+# block, each op on one client's values of a block, short enough to stay in cache and
+# under torch's parallel grain (32768 values): it runs in the calling thread, where
+# thousands of short multithreaded ops would each wait for the thread pool (badly so
+# when other processes hold the cores). On an accelerator torch.sort is fast and each op
+# a kernel launch, so there it sorts, in one block.
+
+_BLOCK = (1 << 15) - 1
+
+
+def _column_blocks(X: torch.Tensor) -> list[slice]:
+    """Slices of X's columns: blocks of ``_BLOCK`` on the CPU, one slice on other devices."""
+    d = X.shape[1]
+    width = _BLOCK if X.device.type == "cpu" else max(1, d)
+    return [slice(c, c + width) for c in range(0, max(1, d), width)]
+
+
+@functools.cache
+def _sorting_network(n: int, lo: int, hi: int) -> tuple[tuple[int, int], ...]:
+    """Compare-exchanges (i, j), i < j, that leave rows lo..hi − 1 of n sorted and rows below lo
+    (above hi − 1) holding the lo smallest (n − hi largest) values in some order.
+
+    Batcher's odd–even merge sort on the next power of two, keeping the comparators
+    within the n real rows (the missing rows stand for +∞, which never move), then
+    dropping the final comparators that only reorder values within the bottom or top rows.
+    """
+    size = 1 << max(0, n - 1).bit_length()
+    network = []
+    p = 1
+    while p < size:
+        k = p
+        while k >= 1:
+            for j in range(k % p, size - k, 2 * k):
+                for i in range(min(k, size - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p) and i + j + k < n:
+                        network.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+
+    def group(row: int) -> int:
+        return -1 if row < lo else -2 if row >= hi else row
+
+    needed, touched = [], set()
+    for i, j in reversed(network):
+        if i in touched or j in touched or group(i) != group(j):
+            needed.append((i, j))
+            touched.update((i, j))
+    return tuple(reversed(needed))
+
+
+def _sort_columns(updates: list[torch.Tensor], network: tuple[tuple[int, int], ...]) -> list[torch.Tensor]:
+    """The clients' values at each coordinate of the block in ascending order (NaN as +∞):
+    row k holds the k-th smallest. By ``network`` on the CPU, by torch.sort elsewhere."""
+    inf = float("inf")
+    rows = [x.nan_to_num(nan=inf, posinf=inf, neginf=-inf) for x in updates]
+    if rows[0].device.type != "cpu":
+        return list(torch.stack(rows).sort(dim=0).values)
+    spare = torch.empty_like(rows[0])
+    for i, j in network:
+        torch.minimum(rows[i], rows[j], out=spare)
+        torch.maximum(rows[i], rows[j], out=rows[j])
+        rows[i], spare = spare, rows[i]
+    return rows
+
+
+def _mean(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Elementwise mean of the rows, summed in float32 at least (as torch.mean does for
+    half-precision updates)."""
+    total = rows[0].to(torch.promote_types(rows[0].dtype, torch.float32), copy=True)
+    for row in rows[1:]:
+        total += row
+    return (total / len(rows)).to(rows[0].dtype)
+
+
+def _within(updates: list[torch.Tensor], low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """(n,) per client, at how many coordinates of the block its value lies in [low, high].
+
+    The test is written as 0/1 into a float32 buffer (a bool result is several times
+    slower to produce in torch), summed exactly while a block is under 2^24 columns.
+    """
+    clamped, inside = torch.empty_like(low), torch.empty_like(low, dtype=torch.float32)
+    counts = []
+    for x in updates:
+        torch.eq(torch.clamp(x, low, high, out=clamped), x, out=inside)
+        counts.append(inside.sum())
+    return torch.stack(counts)
+
+
+def _fractions(counts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Counts (accumulated in float64: exact past 2^24) as fractions of their total."""
+    return (counts / counts.sum()).to(dtype)
 
 
 # --------------------------------------------------------------------------- Bulyan
@@ -121,7 +244,9 @@ def bulyan(X: torch.Tensor, f: int) -> Robust:
 
     Needs n ≥ 4f + 3 (so β ≥ 3). Krum over r remaining updates scores with the
     r − f − 2 nearest others; in the last selections r falls to 2f + 1 where that
-    count is below one, and the score then uses the single nearest other.
+    count is below one, and the score then uses the single nearest other. As for the
+    trimmed mean, a NaN counts as +∞, and a client's share counts the coordinates where
+    its value lies between the lowest and the highest of the β values kept.
     """
     n = X.shape[0]
     theta, beta = n - 2 * f, n - 4 * f
@@ -132,11 +257,36 @@ def bulyan(X: torch.Tensor, f: int) -> Robust:
         idx = torch.tensor(remaining, device=X.device)
         scores = krum_scores(dist[idx][:, idx], f, min_neighbours=1 if len(remaining) > 1 else 0)
         chosen.append(remaining.pop(int(torch.argmin(scores))))
-    selected = torch.tensor(chosen, device=X.device)
-    S = X[selected]
-    centre = median(S).aggregate
-    closest = (S - centre).abs().topk(beta, dim=0, largest=False).indices
-    return _kept(S.gather(0, closest), selected[closest], n)
+    network = _sorting_network(theta, 0, theta)
+    aggregate = X.new_empty(X.shape[1])
+    counts = X.new_zeros(theta, dtype=torch.float64)
+    for cols in _column_blocks(X):
+        updates = [X[i, cols] for i in chosen]
+        aggregate[cols], low, high = _closest_to_median(_sort_columns(updates, network), beta)
+        counts += _within(updates, low, high)
+    share = torch.zeros(n, dtype=X.dtype, device=X.device)
+    share[chosen] = _fractions(counts, X.dtype)
+    return Robust(aggregate, share)
+
+
+def _closest_to_median(s: list[torch.Tensor], beta: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per coordinate of the sorted rows s (θ of them): the mean of the β values closest to
+    the median, and the lowest and the highest of those β.
+
+    The β closest values of a sorted column are a window s[w : w + β]; s[k] (k < θ − β)
+    lies below it exactly when it is farther from the median than s[k + β] (a tie keeps
+    the lower value), which holds for k < w and fails after, since s is sorted. The
+    window holds one row of each residue class mod β: s[k + β] takes the place of s[k]
+    in its class whenever s[k] lies below.
+    """
+    theta = len(s)
+    middle = (theta - 1) // 2
+    centre = _mean(s[middle : theta - middle])
+    kept = s[:beta]
+    for k in range(theta - beta):
+        below = (centre - s[k]) > (s[k + beta] - centre)
+        kept[k % beta] = torch.where(below, s[k + beta], kept[k % beta])
+    return _mean(kept), functools.reduce(torch.minimum, kept), functools.reduce(torch.maximum, kept)
 
 
 # --------------------------------------------------------------------------- clipping and the geometric median
@@ -161,9 +311,10 @@ def centered_clip(X: torch.Tensor, start: torch.Tensor, tau: float, iterations: 
     """
     v = start
     for _ in range(iterations):
-        diff = X - v
-        factor = (tau / diff.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
-        v = v + factor @ diff / X.shape[0]
+        factor = (tau / _distances(X, v).clamp_min(1e-12)).clamp(max=1.0)
+        # Σ_i f_i (x_i − v) = f @ X − (Σ_i f_i) v: one product over X instead of forming X − v
+        # again; where the two terms cancel (updates close to v) this costs about an ulp of v.
+        v = v + (factor @ X - factor.sum() * v) / X.shape[0]
     return Robust(v, factor / factor.sum())
 
 
@@ -177,18 +328,24 @@ def geomedian(X: torch.Tensor, alpha: torch.Tensor, nu: float, max_iter: int, ft
     """
     alpha = alpha / alpha.sum()
     v = alpha @ X
-    distance = (X - v).norm(dim=1)
+    distance = _distances(X, v)
     objective = alpha @ distance
     share = alpha
     for _ in range(max_iter):
         beta = alpha / distance.clamp_min(nu)
         share = beta / beta.sum()
         v = share @ X
-        distance = (X - v).norm(dim=1)
+        distance = _distances(X, v)
         previous, objective = objective, alpha @ distance
         if abs(previous - objective) < ftol * objective:
             break
     return Robust(v, share)
+
+
+def _distances(X: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(n,) ||x_i − v||, as the norm of the clients' norms over column blocks."""
+    blocks = [torch.linalg.vector_norm(X[:, cols] - v[cols], dim=1) for cols in _cache_blocks(X)]
+    return torch.linalg.vector_norm(torch.stack(blocks), dim=0)
 
 
 # --------------------------------------------------------------------------- plugins
@@ -266,10 +423,7 @@ class RobustAggregator(Plugin):
 
     def training_end(self, runtime) -> None:
         if self.rows:
-            with open(runtime.artifact_dir / "robust_selection.csv", "w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=list(self.rows[0]))
-                writer.writeheader()
-                writer.writerows(self.rows)
+            runtime.write_table("robust_selection.csv", self.rows)
 
 
 def malicious_clients(round: RoundContext) -> set[int]:

@@ -218,7 +218,7 @@ class MembershipInference(Plugin):
     def write_artifacts(self, results, labels, targets, figures) -> None:
         stem = self.prefix.rstrip(".").replace(".", "_")
         table = pd.DataFrame({"text": targets, "member": labels.astype(int), **results})
-        table.to_csv(self.runtime.artifact_dir / f"{stem}_scores.csv", index_label="sample")
+        self.runtime.write_table(f"{stem}_scores.csv", table.rename_axis("sample").reset_index())
         curves = {
             f"{m} (AUC {figures[f'{self.prefix}{m}.auc']:.2f})": roc_curve(s, labels)[:2] for m, s in results.items()
         }
