@@ -32,9 +32,8 @@ class LocalExecutor:
         self.hooks = hooks
 
     def run_clients(self, round: RoundContext) -> list[ClientResult]:
-        rt = round.runtime
         return [
-            client_round(ClientContext(cid, round.round, rt.seed_for(round.round, cid), rt, peers=list(round.sampled)),
+            client_round(ClientContext(cid, round.round, round.client_seed(cid), round.runtime, peers=list(round.sampled)),
                          round.global_state, self.hooks)
             for cid in round.sampled
         ]

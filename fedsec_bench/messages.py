@@ -83,6 +83,10 @@ class RoundContext:
     delivered: list[int] = field(default_factory=list)
     """Clients whose message reached the server (a transport may lose one: a dropout)."""
 
+    def client_seed(self, client_id: int) -> int:
+        """The seed of a client's local training this round, the same whichever executor runs it."""
+        return self.runtime.seed_for(self.round, client_id)
+
     def client_mean(self, key: str) -> dict[str, float]:
         """``{key: mean}`` of a figure the clients recorded in ``client.metrics`` (empty if none did)."""
         values = [r.metrics[key] for r in self.reports if key in r.metrics]

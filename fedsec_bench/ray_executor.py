@@ -120,17 +120,16 @@ class RayExecutor:
         self.workers = [actor.remote([self.setup]) for _ in range(count)]
 
     def run_clients(self, round: RoundContext) -> list[ClientResult]:
-        rt = round.runtime
         broadcast = ray.put(RoundBroadcast(round.round, _state_to(round.global_state, "cpu"), self.hooks))
         peers = tuple(round.sampled)
-        jobs = [ClientJob(cid, round.round, rt.seed_for(round.round, cid), peers) for cid in round.sampled]
+        jobs = [ClientJob(cid, round.round, round.client_seed(cid), peers) for cid in round.sampled]
         done, failed = self.dispatch(jobs, broadcast)
         for cid, error in failed.items():
             warnings.warn(f"round {round.round}: client {cid} failed {ATTEMPTS} times and is left out of the "
-                          f"round: {_describe(error)}", stacklevel=2)
+                          f"round: {describe_error(error)}", stacklevel=2)
         if jobs and not done:
             raise RuntimeError(f"round {round.round}: every sampled client failed; the first error: "
-                               f"{_describe(next(iter(failed.values())))}")
+                               f"{describe_error(next(iter(failed.values())))}")
         return [(_payload_to(done[cid][0], self.device), done[cid][1]) for cid in round.sampled if cid in done]
 
     def dispatch(self, jobs: list[ClientJob], broadcast) -> tuple[dict[int, ClientResult], dict[int, Exception]]:
@@ -204,6 +203,7 @@ def _payload_to(message: Message | None, device: torch.device) -> Message | None
     return message
 
 
-def _describe(error: Exception) -> str:
+def describe_error(error: Exception) -> str:
+    """One line for a failed Ray task: the exception it raised, or why its worker went away."""
     cause = getattr(error, "cause", None)
     return f"{type(cause).__name__}: {cause}" if cause is not None else f"{type(error).__name__}: {error}".splitlines()[0]

@@ -113,7 +113,7 @@ def _on_ray(base: Scenario, children: list[Child], parent_run_id: str | None, jo
     """Yield each child's outcome as it finishes, from Ray tasks (a task whose worker dies is retried once)."""
     import ray
 
-    from .ray_executor import connect
+    from .ray_executor import connect, describe_error
 
     config = base.federation.ray
     started = connect(config)
@@ -131,7 +131,7 @@ def _on_ray(base: Scenario, children: list[Child], parent_run_id: str | None, jo
             try:
                 yield ray.get(ref)
             except ray.exceptions.RayError as exc:
-                yield ChildOutcome(child.label, "FAILED", None, f"worker died: {str(exc).splitlines()[0]}")
+                yield ChildOutcome(child.label, "FAILED", None, f"worker died: {describe_error(exc)}")
     finally:
         if started:
             ray.shutdown()

@@ -37,15 +37,6 @@ from fedsec_bench.scenario import load_scenario
 HIDDEN, SEQ_LEN = 64, 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A GPT-2-style model without dropout, loaded back through from_pretrained like a user's checkpoint."""

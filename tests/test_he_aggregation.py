@@ -25,15 +25,6 @@ CKKS_TOLERANCE = 2.0**-20
 N * 3.2 / 2^40 ~ 2e-8 per value (Cheon et al. 2017); the weighted sum only averages it."""
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread: on a shared machine torch's thread pool spins, slowing tiny runs and swamping timings."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def parties():
     keys = KeyHolders(HEAggregationOptions())
@@ -94,7 +85,7 @@ def test_decrypted_aggregate_is_fedavg_within_ckks_error(spool):
 
 
 @pytest.mark.parametrize("mode", ["lora", "prompt", "full"])
-def test_every_mode_runs_encrypted_and_logs_costs(tiny, mode, one_thread):
+def test_every_mode_runs_encrypted_and_logs_costs(tiny, mode):
     """(That the model then trains exactly like plain FedAvg is in test_secure_aggregation's observer test.)"""
     tiny["tuning"] = {"mode": mode}
     tiny["federation"]["rounds"] = 1
@@ -141,7 +132,7 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
-def test_throughput_against_raw_tenseal(benchmark, one_thread):
+def test_throughput_against_raw_tenseal(benchmark):
     """The issue's benchmark: the HE path for 10 clients vs raw ckks_vector encrypt + add + decrypt.
 
     Run with ``pytest tests/test_he_aggregation.py --benchmark-only -s``; prints parameters per second.

@@ -23,7 +23,7 @@ from fedsec_bench.defenses.secure_aggregation import (
 from fedsec_bench.messages import ClientContext, Message, RoundContext
 from fedsec_bench.scenario import Scenario
 from fedsec_bench.updates import flatten
-from test_he_aggregation import best_of, one_thread  # noqa: F401  (one_thread is a fixture)
+from test_he_aggregation import best_of
 
 BITS = 32
 ROUND = 1
@@ -146,7 +146,7 @@ def test_refuses_plaintext_aggregators_and_single_client_rounds(tiny):
         SecureAggregation.check(options, Scenario.model_validate(alone))
 
 
-def test_server_observers_read_nothing_under_either_defense_and_the_model_trains_the_same(tiny, one_thread):
+def test_server_observers_read_nothing_under_either_defense_and_the_model_trains_the_same(tiny):
     """The core's update_probe sees exactly the Message payloads: plain tensors, ciphertexts, masked words."""
     tiny["tuning"] = {"mode": "full"}
     tiny["federation"]["rounds"] = 1
@@ -162,7 +162,7 @@ def test_server_observers_read_nothing_under_either_defense_and_the_model_trains
     assert finals["secure_aggregation"]["cost.bytes_up"] == 2 * finals[None]["cost.bytes_up"]  # uint64 vs float32
 
 
-def test_overhead_against_plaintext_fedavg(benchmark, one_thread):
+def test_overhead_against_plaintext_fedavg(benchmark):
     """The issue's benchmark: mask (all clients) + unmask vs plaintext FedAvg, 10 clients.
 
     Run with ``pytest tests/test_secure_aggregation.py --benchmark-only -s``.
