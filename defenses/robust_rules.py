@@ -21,6 +21,7 @@ change its vote), except ``geomedian`` whose RFA definition weights by examples.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -111,19 +112,29 @@ def trimmed_mean(X: torch.Tensor, b: int) -> Robust:
     """Coordinate-wise trimmed mean (Yin et al. 2018): per coordinate, drop the b largest
     and b smallest values and average the remaining n − 2b. Needs n − 2b ≥ 1.
 
+    Computed from the two cut values alone: with lo and hi the (b+1)-th smallest and the
+    (b+1)-th largest value of a coordinate, clamping every value to [lo, hi] turns the b
+    dropped at each end into copies of lo and hi and leaves the kept ones as they are, so
+
+        Σ kept = Σ_i clamp(x_i, lo, hi) − b·lo − b·hi,
+
+    with no cancellation against the dropped values (a huge poisoned value becomes hi).
+    Where lo or hi is infinite the mean is lo + hi. When one or two values are kept
+    (the median), the mean is taken of lo and hi directly, so it is exact.
+
     A NaN counts as +∞ (so it is trimmed as a largest value). A client's share counts the
-    coordinates where its value lies between the smallest and the largest kept value:
-    exactly its kept values, unless ties straddle a cut, where the tied clients all count.
+    coordinates where its value lies in [lo, hi]: exactly its kept values, unless ties
+    straddle a cut, where the tied clients all count.
     """
-    n = X.shape[0]
-    network = _sorting_network(n, b, n - b)
     aggregate = X.new_empty(X.shape[1])
-    counts = X.new_zeros(n, dtype=torch.float64)
+    counts = X.new_zeros(X.shape[0], dtype=torch.float64)
+    trim = _Trimming(X, b)
     for cols in _column_blocks(X):
-        updates = [x[cols] for x in X]
-        kept = _sort_columns(updates, network)[b : n - b]
-        aggregate[cols] = _mean(kept)
-        counts += _within(updates, kept[0], kept[-1])
+        block = X[:, cols]
+        aggregate[cols], inside = trim(block)
+        if aggregate[cols].isnan().any() and block.isnan().any():  # NaNs count as +∞: do the block again
+            aggregate[cols], inside = trim(block.nan_to_num(nan=math.inf))
+        counts += inside
     return Robust(aggregate, _fractions(counts, X.dtype))
 
 
@@ -135,11 +146,61 @@ def median(X: torch.Tensor) -> Robust:
     return trimmed_mean(X, (X.shape[0] - 1) // 2)
 
 
-# Order statistics on the CPU. torch.sort along the client axis runs one small scalar
-# sort per coordinate, several times slower than numpy's, so the values are sorted by a
-# sorting network instead: a fixed sequence of compare-exchanges, each an elementwise min
-# and max of two clients' values over a block of coordinates. The work goes block by
-# block, each op on one client's values of a block, short enough to stay in cache and
+class _Trimming:
+    """The trimmed mean of column blocks of X, with the buffers it needs allocated once per
+    call (fresh multi-megabyte buffers per block would each cost page faults), never
+    writing into X.
+
+    Per block: the cut values lo and hi (the (b+1)-th smallest and largest of each
+    column; NaN as +∞ by torch.sort off the CPU, and on the CPU a NaN in a column makes
+    that column's result NaN, which the caller handles), then the clamped values, their
+    column sums, and per client the count of its values in [lo, hi].
+    """
+
+    def __init__(self, X: torch.Tensor, b: int):
+        n, width = X.shape[0], min(X.shape[1], _column_blocks(X)[0].stop)
+        self.b = b
+        self.kept = X.new_empty(n, width)
+        self.inside = torch.empty(n, width, dtype=torch.float32, device=X.device)
+        self.ones = X.new_ones(n)
+        if X.device.type == "cpu":
+            self.network, self.cut_rows = _selection_network(n, b)
+            self.spare = [X.new_empty(width) for _ in range(n + 1)]
+
+    def cut_values(self, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, b = block.shape[0], self.b
+        if block.device.type != "cpu":
+            s = block.nan_to_num(nan=math.inf).sort(dim=0).values
+            return s[b], s[n - 1 - b]
+        rows = _compare_exchange(list(block), self.network, [row[: block.shape[1]] for row in self.spare])
+        return rows[self.cut_rows[0]], rows[self.cut_rows[1]]
+
+    def __call__(self, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, width = block.shape
+        b = self.b
+        lo, hi = self.cut_values(block)
+        kept = torch.clamp(block, lo, hi, out=self.kept[:, :width])
+        if n - 2 * b <= 2:
+            mean = _mean([lo, hi][: n - 2 * b])
+        else:
+            mean = self.column_sums(kept).sub_(lo + hi, alpha=b).div_(n - 2 * b).to(block.dtype)
+            if not torch.isfinite(mean).all():  # an infinite cut value: the kept ones include it
+                mean = torch.where(lo.isinf() | hi.isinf(), lo + hi, mean)
+        return mean, _count_equal(kept, block, out=self.inside[:, :width])
+
+    def column_sums(self, kept: torch.Tensor) -> torch.Tensor:
+        """Σ over the clients, in float32 at least; for float32 and float64 as a matrix–vector
+        product (BLAS), about twice as fast as torch's reduction across rows."""
+        if kept.dtype in (torch.float32, torch.float64):
+            return torch.mv(kept.T, self.ones)
+        return kept.sum(0, dtype=torch.float32)
+
+
+# Cut values on the CPU. torch.sort along the client axis runs one small scalar sort per
+# coordinate, several times slower than numpy's, so the cut values are found by a
+# selection network instead: a fixed sequence of compare-exchanges, each an elementwise
+# min and/or max of two clients' values over a block of coordinates. The work goes block
+# by block, each op on one client's values of a block, short enough to stay in cache and
 # under torch's parallel grain (32768 values): it runs in the calling thread, where
 # thousands of short multithreaded ops would each wait for the thread pool (badly so
 # when other processes hold the cores). On an accelerator torch.sort is fast and each op
@@ -155,15 +216,33 @@ def _column_blocks(X: torch.Tensor) -> list[slice]:
     return [slice(c, c + width) for c in range(0, max(1, d), width)]
 
 
-@functools.cache
-def _sorting_network(n: int, lo: int, hi: int) -> tuple[tuple[int, int], ...]:
-    """Compare-exchanges (i, j), i < j, that leave rows lo..hi − 1 of n sorted and rows below lo
-    (above hi − 1) holding the lo smallest (n − hi largest) values in some order.
+def _compare_exchange(rows: list[torch.Tensor], network, spare: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Run a pruned network over the rows: (i, j, low, high) puts min(row i, row j) on row i
+    when ``low`` and the max on row j when ``high``. Results go to the spare buffers (a
+    row's own buffer once it has one, never the caller's rows)."""
+    owned = [False] * len(rows)
+    for i, j, low, high in network:
+        a, c = rows[i], rows[j]
+        if low and high:
+            new_low = torch.minimum(a, c, out=spare.pop())
+            rows[j] = torch.maximum(a, c, out=c if owned[j] else spare.pop())
+            if owned[i]:
+                spare.append(a)
+            rows[i] = new_low
+        elif low:
+            rows[i] = torch.minimum(a, c, out=a if owned[i] else spare.pop())
+        else:
+            rows[j] = torch.maximum(a, c, out=c if owned[j] else spare.pop())
+        owned[i] |= low
+        owned[j] |= high
+    return rows
 
-    Batcher's odd–even merge sort on the next power of two, keeping the comparators
-    within the n real rows (the missing rows stand for +∞, which never move), then
-    dropping the final comparators that only reorder values within the bottom or top rows.
-    """
+
+def _batcher(lines: list[int]) -> list[tuple[int, int]]:
+    """Batcher's odd–even merge sort of the given lines (ascending), on the next power of
+    two, keeping the comparators within the real lines (the missing ones stand for +∞,
+    which never move)."""
+    n = len(lines)
     size = 1 << max(0, n - 1).bit_length()
     network = []
     p = 1
@@ -173,28 +252,80 @@ def _sorting_network(n: int, lo: int, hi: int) -> tuple[tuple[int, int], ...]:
             for j in range(k % p, size - k, 2 * k):
                 for i in range(min(k, size - j - k)):
                     if (i + j) // (2 * p) == (i + j + k) // (2 * p) and i + j + k < n:
-                        network.append((i + j, i + j + k))
+                        network.append((lines[i + j], lines[i + j + k]))
             k //= 2
         p *= 2
+    return network
 
-    def group(row: int) -> int:
-        return -1 if row < lo else -2 if row >= hi else row
 
-    needed, touched = [], set()
+def _merge(a: list[int], b: list[int]) -> tuple[list[tuple[int, int]], list[int]]:
+    """Batcher's odd–even merge of two sorted line lists; returns the comparators and the
+    merged lines in ascending order. Each list is padded to the next power of two, a with
+    −∞ below and b with +∞ above, so that a comparator touching padding never moves anything."""
+    size = 1 << max(len(a), len(b), 1).__sub__(1).bit_length()
+    lines = [None] * (size - len(a)) + a + b + [None] * (size - len(b))
+    network = []
+
+    def merge(first: int, length: int, stride: int) -> None:
+        if 2 * stride < length:
+            merge(first, length, 2 * stride)
+            merge(first + stride, length, 2 * stride)
+            network.extend((i, i + stride) for i in range(first + stride, first + length - stride, 2 * stride))
+        else:
+            network.append((first, first + stride))
+
+    merge(0, 2 * size, 1)
+    real = [(lines[i], lines[j]) for i, j in network if lines[i] is not None and lines[j] is not None]
+    return real, [line for line in lines if line is not None]
+
+
+def _extremes(lines: list[int], t: int) -> tuple[list[tuple[int, int]], list[int], list[int]]:
+    """Comparators that sort the t smallest and the t largest values of the lines, and the
+    lines holding them (ascending): each half by recursion, then the halves' smallest
+    merged and their largest merged; a part too small to split in two of ≥ 2t is sorted."""
+    if len(lines) < 4 * t:
+        return _batcher(lines), lines[:t], lines[-t:]
+    half = len(lines) // 2
+    low_net, low_bottom, low_top = _extremes(lines[:half], t)
+    high_net, high_bottom, high_top = _extremes(lines[half:], t)
+    bottom_net, bottom = _merge(low_bottom, high_bottom)
+    top_net, top = _merge(low_top, high_top)
+    return low_net + high_net + bottom_net + top_net, bottom[:t], top[-t:]
+
+
+@functools.cache
+def _selection_network(n: int, b: int) -> tuple[tuple[tuple[int, int, bool, bool], ...], tuple[int, int]]:
+    """Compare-exchanges that bring the (b+1)-th smallest and the (b+1)-th largest of n
+    values onto two rows, and those rows.
+
+    Sorting only each end (:func:`_extremes`) and then keeping only the comparators whose
+    outputs are still needed (for each, whether its min and/or its max is) costs about
+    half a pruned full sort: 146 against 206 elementwise ops for n = 20, b = 4, and 436
+    against 806 for n = 50.
+    """
+    network, bottom, top = _extremes(list(range(n)), b + 1)
+    outputs = (bottom[b], top[-1 - b])
+    live, pruned = set(outputs), []
     for i, j in reversed(network):
-        if i in touched or j in touched or group(i) != group(j):
-            needed.append((i, j))
-            touched.update((i, j))
-    return tuple(reversed(needed))
+        if i in live or j in live:
+            pruned.append((i, j, i in live, j in live))
+            live.update((i, j))
+    return tuple(reversed(pruned)), outputs
 
 
-def _sort_columns(updates: list[torch.Tensor], network: tuple[tuple[int, int], ...]) -> list[torch.Tensor]:
-    """The clients' values at each coordinate of the block in ascending order (NaN as +∞):
-    row k holds the k-th smallest. By ``network`` on the CPU, by torch.sort elsewhere."""
-    inf = float("inf")
-    rows = [x.nan_to_num(nan=inf, posinf=inf, neginf=-inf) for x in updates]
-    if rows[0].device.type != "cpu":
-        return list(torch.stack(rows).sort(dim=0).values)
+@functools.cache
+def _sorting_network(n: int) -> tuple[tuple[int, int], ...]:
+    """Compare-exchanges (i, j), i < j, that sort n rows (Batcher's odd–even merge sort)."""
+    return tuple(_batcher(list(range(n))))
+
+
+def _sort_columns(block: torch.Tensor, network: tuple[tuple[int, int], ...]) -> list[torch.Tensor]:
+    """The values of each column of the block in ascending order (NaN as +∞): row k holds
+    the k-th smallest. By ``network`` on the CPU, by torch.sort elsewhere. Sorts in place."""
+    block = block.nan_to_num_(nan=math.inf)
+    if block.device.type != "cpu":
+        return list(block.sort(dim=0).values)
+    rows = list(block)
     spare = torch.empty_like(rows[0])
     for i, j in network:
         torch.minimum(rows[i], rows[j], out=spare)
@@ -212,18 +343,11 @@ def _mean(rows: list[torch.Tensor]) -> torch.Tensor:
     return (total / len(rows)).to(rows[0].dtype)
 
 
-def _within(updates: list[torch.Tensor], low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    """(n,) per client, at how many coordinates of the block its value lies in [low, high].
-
-    The test is written as 0/1 into a float32 buffer (a bool result is several times
-    slower to produce in torch), summed exactly while a block is under 2^24 columns.
-    """
-    clamped, inside = torch.empty_like(low), torch.empty_like(low, dtype=torch.float32)
-    counts = []
-    for x in updates:
-        torch.eq(torch.clamp(x, low, high, out=clamped), x, out=inside)
-        counts.append(inside.sum())
-    return torch.stack(counts)
+def _count_equal(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """(n,) per row, at how many columns a equals b. The test is written as 0/1 into the
+    float32 ``out`` (a bool result is several times slower to produce in torch), summed
+    exactly while a block is under 2^24 columns."""
+    return torch.eq(a, b, out=out).sum(1)
 
 
 def _fractions(counts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -257,13 +381,14 @@ def bulyan(X: torch.Tensor, f: int) -> Robust:
         idx = torch.tensor(remaining, device=X.device)
         scores = krum_scores(dist[idx][:, idx], f, min_neighbours=1 if len(remaining) > 1 else 0)
         chosen.append(remaining.pop(int(torch.argmin(scores))))
-    network = _sorting_network(theta, 0, theta)
+    network = _sorting_network(theta)
     aggregate = X.new_empty(X.shape[1])
     counts = X.new_zeros(theta, dtype=torch.float64)
+    rows = torch.tensor(chosen, device=X.device)
     for cols in _column_blocks(X):
-        updates = [X[i, cols] for i in chosen]
-        aggregate[cols], low, high = _closest_to_median(_sort_columns(updates, network), beta)
-        counts += _within(updates, low, high)
+        block = X[:, cols].index_select(0, rows)
+        aggregate[cols], low, high = _closest_to_median(_sort_columns(block.clone(), network), beta)
+        counts += _count_equal(torch.clamp(block, low, high), block, out=torch.empty_like(block, dtype=torch.float32))
     share = torch.zeros(n, dtype=X.dtype, device=X.device)
     share[chosen] = _fractions(counts, X.dtype)
     return Robust(aggregate, share)
@@ -327,19 +452,29 @@ def geomedian(X: torch.Tensor, alpha: torch.Tensor, nu: float, max_iter: int, ft
     A client's share is β_i / Σ β in the last update.
     """
     alpha = alpha / alpha.sum()
-    v = alpha @ X
-    distance = _distances(X, v)
+    v, distance = _combination_and_distances(X, alpha)
     objective = alpha @ distance
     share = alpha
     for _ in range(max_iter):
         beta = alpha / distance.clamp_min(nu)
         share = beta / beta.sum()
-        v = share @ X
-        distance = _distances(X, v)
+        v, distance = _combination_and_distances(X, share)
         previous, objective = objective, alpha @ distance
         if abs(previous - objective) < ftol * objective:
             break
     return Robust(v, share)
+
+
+def _combination_and_distances(X: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """v = weights @ X and (n,) ||x_i − v||, in one pass over X: each column block's part of
+    v is made and the distances to it taken while the block is in cache (half the memory
+    traffic of a product and then a distance pass)."""
+    v = X.new_empty(X.shape[1])
+    blocks = []
+    for cols in _cache_blocks(X):
+        block = X[:, cols]
+        blocks.append(torch.linalg.vector_norm(block - torch.mv(block.T, weights, out=v[cols]), dim=1))
+    return v, torch.linalg.vector_norm(torch.stack(blocks), dim=0)
 
 
 def _distances(X: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -154,7 +154,7 @@ def test_trimmed_mean_matches_definition(updates, b):
 
 
 def test_order_statistics_agree_with_a_full_sort_for_every_n_and_b():
-    """The CPU sorting networks (pruned per n and b) against torch.sort, n = 1..33 (past a
+    """The CPU selection networks (per n and b) against torch.sort, n = 1..33 (past a
     power of two) and every b: exact on values with ties and ±∞, and each client's share
     is its fraction of the kept values when there are no ties."""
     gen = torch.Generator().manual_seed(0)
@@ -179,6 +179,17 @@ def test_a_nan_is_trimmed_as_a_largest_value():
     X = torch.tensor([[1.0], [2.0], [math.nan], [3.0], [4.0]])
     assert rr.trimmed_mean(X, 1).aggregate.item() == 3.0 and rr.trimmed_mean(X, 1).share[2] == 0
     assert rr.median(X[:3]).aggregate.item() == 2.0
+
+
+def test_a_huge_value_does_not_cost_the_trimmed_mean_its_precision():
+    """The kept sum is taken over values clamped to the cut values, so a dropped value near
+    float32's limit leaves the kept ones' mean as precise as a direct mean of them."""
+    gen = torch.Generator().manual_seed(5)
+    X = torch.randn(9, 1000, generator=gen)
+    X[4] = 3e38
+    X[7, ::2] = -3e38
+    expected = X.double().sort(dim=0).values[2:7].mean(0)
+    torch.testing.assert_close(rr.trimmed_mean(X, 2).aggregate.double(), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_rules_agree_across_column_blocks():
