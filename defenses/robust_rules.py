@@ -48,14 +48,21 @@ def pairwise_sq_distances(X: torch.Tensor) -> torch.Tensor:
     """(n, n) squared Euclidean distances, through a Gram matrix of the centred updates.
 
     Centring first (distances do not change) keeps the ||a||² + ||b||² − 2ab form from
-    cancelling catastrophically when updates share a large common part. The product is
-    made exactly symmetric (BLAS may round a·b and b·a differently), so that equal
-    distances tie exactly and the rules' tie-breaks by client index apply.
+    cancelling catastrophically when the updates share a large common part. The centre is
+    the update of median norm, not the mean: an attacker a million times larger than the
+    honest updates drags the mean, and with it every centred honest update, far from the
+    honest cluster, so their distances to each other became small differences of huge
+    terms (in float32 they lost every digit, and Krum chose among the honest clients at
+    random). With fewer than half of the clients attacking, the median norm is within
+    the honest clients' norms. The product is made exactly symmetric (BLAS may round a·b
+    and b·a differently), so that equal distances tie exactly and the rules' tie-breaks
+    by client index apply.
     """
+    norms = torch.linalg.vector_norm(X, dim=1)
+    centre = X[torch.argsort(norms, stable=True)[(X.shape[0] - 1) // 2]]
     gram = X.new_zeros(X.shape[0], X.shape[0])
     for cols in _cache_blocks(X):
-        block = X[:, cols]
-        centred = block - block.mean(0)
+        centred = X[:, cols] - centre[cols]
         gram.addmm_(centred, centred.T)
     gram = (gram + gram.T) / 2
     sq = gram.diagonal()

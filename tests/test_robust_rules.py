@@ -192,6 +192,18 @@ def test_a_huge_value_does_not_cost_the_trimmed_mean_its_precision():
     torch.testing.assert_close(rr.trimmed_mean(X, 2).aggregate.double(), expected, rtol=1e-6, atol=1e-6)
 
 
+def test_krum_keeps_its_choice_among_honest_clients_beside_a_huge_attacker():
+    """float32 updates, two attackers a million times larger: the honest clients' distances
+    to each other stay exact enough that Krum chooses as it does in float64."""
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(10, 100_000, generator=gen)
+    X[:8] *= torch.linspace(0.5, 2.0, 8)[:, None]  # honest clients at distinct spreads
+    X[8:] = 1e6 * torch.randn(2, 100_000, generator=gen)
+    exact = torch.cdist(X.double(), X.double()) ** 2
+    torch.testing.assert_close(rr.pairwise_sq_distances(X)[:8, :8].double(), exact[:8, :8], rtol=1e-4, atol=1e-3)
+    assert torch.equal(rr.krum(X, 2).share, rr.krum(X.double(), 2).share.float())
+
+
 def test_rules_agree_across_column_blocks():
     """Wider than one CPU block (32767 columns; 2^18 values for the Gram matrix and the
     distances on one thread, as in the tests): the blocks against whole-matrix formulas."""
