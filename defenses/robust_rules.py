@@ -203,11 +203,12 @@ class _Trimming:
         return kept.sum(0, dtype=torch.float32)
 
 
-# Cut values on the CPU. torch.sort along the client axis runs one small scalar sort per
-# coordinate, several times slower than numpy's, so the cut values are found by a
-# selection network instead: a fixed sequence of compare-exchanges, each an elementwise
-# min and/or max of two clients' values over a block of coordinates. The work goes block
-# by block, each op on one client's values of a block, short enough to stay in cache and
+# Order statistics on the CPU. torch.sort along the client axis runs one small scalar sort
+# per coordinate, several times slower than numpy's, so the cut values are found by a
+# selection network instead (and Bulyan's values sorted by a sorting network): a fixed
+# sequence of compare-exchanges, each an elementwise min and/or max of two clients'
+# values over a block of coordinates. The work goes block by block, each op on one
+# client's values of a block, short enough to stay in cache and
 # under torch's parallel grain (32768 values): it runs in the calling thread, where
 # thousands of short multithreaded ops would each wait for the thread pool (badly so
 # when other processes hold the cores). On an accelerator torch.sort is fast and each op
@@ -269,7 +270,7 @@ def _merge(a: list[int], b: list[int]) -> tuple[list[tuple[int, int]], list[int]
     """Batcher's odd–even merge of two sorted line lists; returns the comparators and the
     merged lines in ascending order. Each list is padded to the next power of two, a with
     −∞ below and b with +∞ above, so that a comparator touching padding never moves anything."""
-    size = 1 << max(len(a), len(b), 1).__sub__(1).bit_length()
+    size = 1 << (max(len(a), len(b), 1) - 1).bit_length()
     lines = [None] * (size - len(a)) + a + b + [None] * (size - len(b))
     network = []
 
