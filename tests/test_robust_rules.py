@@ -15,11 +15,11 @@ import torch
 
 import fedsec_bench
 from fedsec_bench import plugins
+from fedsec_bench.defenses import robust_rules as rr
 from fedsec_bench.errors import ScenarioError
 from fedsec_bench.messages import Message
 from fedsec_bench.plugins import Plugin
 from fedsec_bench.scenario import load_scenario
-from fedsec_bench.defenses import robust_rules as rr
 
 # --------------------------------------------------------------------------- loop-by-loop references
 
@@ -192,6 +192,26 @@ def test_a_huge_value_does_not_cost_the_trimmed_mean_its_precision():
     torch.testing.assert_close(rr.trimmed_mean(X, 2).aggregate.double(), expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("n, b", [(9, 2), (6, 2)])  # a trimmed mean; the median of an even count
+@pytest.mark.parametrize("compiled", [False, True])
+def test_order_statistics_with_nan_and_infinities_match_a_full_sort(n, b, compiled):
+    """NaN counts as +∞ and the infinities stay infinite in a block that holds a NaN, eager
+    and ``compiled=True``; compiled, the kernels come from a real torch.compile (not an
+    eager fallback) and give the eager shares."""
+    gen = torch.Generator().manual_seed(n)
+    X = torch.randint(-3, 4, (n, 300), generator=gen).double()
+    X[torch.rand(n, 300, generator=gen) < 0.05] = math.inf
+    X[torch.rand(n, 300, generator=gen) < 0.05] = -math.inf
+    X[0, 7] = math.nan
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    got = rr.trimmed_mean(X, b, compiled=compiled)
+    assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs) == compiled
+    as_infinity = torch.where(X.isnan(), math.inf, X)
+    expected = as_infinity.sort(dim=0).values[b : n - b].mean(0)
+    torch.testing.assert_close(got.aggregate, expected, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(got.share, rr.trimmed_mean(as_infinity, b).share)
+
+
 def test_krum_keeps_its_choice_among_honest_clients_beside_a_huge_attacker():
     """float32 updates, two attackers a million times larger: the honest clients' distances
     to each other stay exact enough that Krum chooses as it does in float64."""
@@ -312,6 +332,17 @@ def test_impossible_parameters_are_refused_at_load_time(tiny, aggregator, per_ro
         load_scenario(tiny)
 
 
+def test_compiled_order_statistics_are_refused_at_load_time_without_a_compiler(tiny, monkeypatch):
+    tiny["federation"]["aggregator"] = {"name": "median", "compile": True}
+    load_scenario(tiny)  # this machine has one
+    monkeypatch.setattr(rr, "cpp_compiler_problem", lambda: "none found (InvalidCxxCompiler)")
+    with pytest.raises(ScenarioError, match=re.escape(
+        "federation.aggregator (median): compile: true needs a C++ compiler for torch.compile: none found "
+        "(InvalidCxxCompiler); install one (g++) or set compile: false"
+    )):
+        load_scenario(tiny)
+
+
 def test_a_defense_that_aggregates_itself_is_refused_with_a_robust_rule(tiny, monkeypatch):
     class Masking(Plugin):  # stands for he_aggregation / secure_aggregation
         name, kind = "masking", "defense"
@@ -428,6 +459,9 @@ SPEED_CASES = {
     "multikrum": (lambda X: rr.multikrum(X, 4, 8), lambda X: X[np_krum_select(np_pairwise(X), 4, 8)].mean(0)),
     "median": (rr.median, lambda X: np.median(X, axis=0)),
     "trimmed_mean": (lambda X: rr.trimmed_mean(X, 4), lambda X: np.sort(X, axis=0)[4:-4].mean(0)),
+    "median_compiled": (lambda X: rr.median(X, compiled=True), lambda X: np.median(X, axis=0)),
+    "trimmed_mean_compiled": (lambda X: rr.trimmed_mean(X, 4, compiled=True),
+                              lambda X: np.sort(X, axis=0)[4:-4].mean(0)),
     "bulyan": (lambda X: rr.bulyan(X, 4), lambda X: np_bulyan(X, 4)),
     "norm_bound": (lambda X: rr.norm_bound(X, 1.0),
                    lambda X: (X * np.minimum(1.0, 1.0 / np.linalg.norm(X, axis=1))[:, None]).mean(0)),
@@ -445,7 +479,9 @@ def test_speed_against_numpy(benchmark, rule, n):
 
     Run with ``pytest tests/test_robust_rules.py --benchmark-only``; on a GPU machine
     the torch side runs on cuda. Both sides are timed by their median of five runs (a
-    shared CPU makes single runs noisy). The two implementations must also agree."""
+    shared CPU makes single runs noisy), after a first call timed on its own (for the
+    ``_compiled`` variants it includes the one-off compile). The two implementations
+    must also agree."""
     ours, reference = SPEED_CASES[rule]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     X = torch.randn(n, 1_000_000, generator=torch.Generator().manual_seed(n))
@@ -459,12 +495,14 @@ def test_speed_against_numpy(benchmark, rule, n):
 
     expected = reference(X_np)
     numpy_seconds = statistics.median(seconds(lambda: reference(X_np)) for _ in range(5))
-    got = benchmark.pedantic(timed_torch, rounds=5, warmup_rounds=1)
+    first_call_seconds = seconds(timed_torch)
+    got = benchmark.pedantic(timed_torch, rounds=5)
     np.testing.assert_allclose(got.cpu().numpy(), expected, rtol=1e-3, atol=1e-4)
     torch_seconds = benchmark.stats.stats.median
-    benchmark.extra_info.update(numpy_seconds=numpy_seconds, ratio=torch_seconds / numpy_seconds)
-    print(f"\n{rule:>14} n={n}: torch({device}) {torch_seconds:.4f}s  numpy {numpy_seconds:.4f}s  "
-          f"ratio {torch_seconds / numpy_seconds:.3f}")
+    ratio = torch_seconds / numpy_seconds
+    benchmark.extra_info.update(numpy_seconds=numpy_seconds, ratio=ratio, first_call_seconds=first_call_seconds)
+    print(f"\n{rule:>21} n={n}: torch({device}) {torch_seconds:.4f}s  numpy {numpy_seconds:.4f}s  "
+          f"ratio {ratio:.3f}  (first call {first_call_seconds:.2f}s)")
 
 
 def seconds(call) -> float:
