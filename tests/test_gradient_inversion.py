@@ -29,7 +29,7 @@ from fedsec_bench.client import client_round
 from fedsec_bench.data import build_federated_data
 from fedsec_bench.data.batching import Batcher
 from fedsec_bench.errors import ScenarioError
-from fedsec_bench.messages import ClientContext, Message
+from fedsec_bench.messages import ClientContext, Message, RoundContext
 from fedsec_bench.plugins import HookChain
 from fedsec_bench.runtime import build_runtime
 from fedsec_bench.scenario import load_scenario
@@ -183,10 +183,11 @@ def test_several_local_steps_are_a_pseudo_gradient_over_every_batch_seen(world):
     fed.local_steps, fed.batch_size = 2, 2
     world.batcher = Batcher(world.tokenizer, SEQ_LEN, 2)
     try:
+        round = RoundContext(round=3, runtime=world, sampled=[1], global_state={})
         loader = world.batcher.loader(world.data.client_texts(1), seed=world.seed_for(3, 1))
         batches = [b for _, b in zip(range(2), loader)]
         expected = [ids[mask.bool()].tolist()[:-1] for b in batches for ids, mask in zip(b["input_ids"], b["attention_mask"])]
-        assert trained_sequences(world, 3, 1) == expected
+        assert trained_sequences(round, 1) == expected
         assert not exact_gradient(fed, [8]) and exact_gradient(fed.model_copy(update={"local_steps": 1}), [8])
     finally:
         fed.local_steps = 1

@@ -130,7 +130,7 @@ class GradientInversion(Plugin):
         rt, fed = self.runtime, self.runtime.scenario.federation
         num_examples = max(m.num_examples for m in messages)
         grad = pseudo_gradient(update, round.global_state, fed, num_examples)
-        truth = [seq for cid in clients for seq in trained_sequences(rt, round.round, cid)]
+        truth = [seq for cid in clients for seq in trained_sequences(round, cid)]
         batch = sum(min(fed.batch_size * local_steps(fed, m.num_examples), m.num_examples) for m in messages)
         seed = rt.seed_for(round.round, *clients)
         started = time.perf_counter()

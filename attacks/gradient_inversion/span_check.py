@@ -18,6 +18,8 @@ When the condition fails the method recovers nothing and says so.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .model_view import ModelView, PseudoGradient, rounding_noise
@@ -68,10 +70,27 @@ def distance(z: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return residual.norm(dim=-1) / z.norm(dim=-1).clamp_min(1e-30)
 
 
-def first_layer_candidates(inputs: torch.Tensor, basis: torch.Tensor, tol: float) -> list[list[int]]:
-    """For each position, the tokens whose layer-0 input (from token_inputs) lies in the span."""
+class FirstLayer(NamedTuple):
+    candidates: list[list[int]]
+    """For each position, the tokens whose layer-0 input lies in the span of the gradient."""
+    rank: int
+    """The rank of layer 0's input-space gradient."""
+    inputs: torch.Tensor
+    """Every (token, position) candidate's layer-0 input, from :func:`token_inputs`."""
+
+
+def search_first_layer(view: ModelView, grad: PseudoGradient, positions: int, options) -> FirstLayer | Reconstruction:
+    """Layer 0's candidate tokens per position, or the Reconstruction that says why there are
+    none: that layer's gradient is not exchanged, or the rank condition fails."""
+    if view.input_space_gradient(grad, 0) is None:
+        return Reconstruction([], applicable=False)
+    inputs = token_inputs(view, 0, positions)
+    basis, rank, ok = layer_basis(view, grad, 0, options, inputs)
+    if not ok:
+        return Reconstruction([], rank_condition=False, rank=rank)
     dist = distance(inputs, basis)
-    return [torch.nonzero(dist[:, p] < tol).flatten().tolist() for p in range(dist.shape[1])]
+    candidates = [torch.nonzero(dist[:, p] < options.span_tolerance).flatten().tolist() for p in range(dist.shape[1])]
+    return FirstLayer(candidates, rank, inputs)
 
 
 def extend_prefixes(
@@ -103,19 +122,16 @@ def extend_prefixes(
 
 
 def span_check(view: ModelView, grad: PseudoGradient, positions: int, options) -> Reconstruction:
-    if view.input_space_gradient(grad, 0) is None:
-        return Reconstruction([], applicable=False)
-    inputs0 = token_inputs(view, 0, positions)
-    basis0, rank0, ok0 = layer_basis(view, grad, 0, options, inputs0)
-    if not ok0:
-        return Reconstruction([], rank_condition=False, rank=rank0)
-    candidates = first_layer_candidates(inputs0, basis0, options.span_tolerance)
+    first = search_first_layer(view, grad, positions, options)
+    if isinstance(first, Reconstruction):
+        return first
     basis1, ok1 = None, True
     if view.num_layers > 1 and view.input_space_gradient(grad, 1) is not None:
-        sample = token_inputs(view, 1, positions, vocab=min(inputs0.shape[0], 2 * inputs0.shape[-1]))
+        vocab, width = first.inputs.shape[0], first.inputs.shape[-1]
+        sample = token_inputs(view, 1, positions, vocab=min(vocab, 2 * width))
         basis1, _, ok1 = layer_basis(view, grad, 1, options, sample)
         basis1 = basis1 if ok1 else None  # a full-rank layer 1 cannot order; layer 0 still places tokens
-    sequences, overflow = extend_prefixes(view, candidates, basis1, options.span_tolerance, options.max_prefixes)
+    sequences, overflow = extend_prefixes(view, first.candidates, basis1, options.span_tolerance, options.max_prefixes)
     return Reconstruction(
-        sequences, rank_condition=ok1 and not overflow, rank=rank0, notes={"layer1_used": float(basis1 is not None)}
+        sequences, rank_condition=ok1 and not overflow, rank=first.rank, notes={"layer1_used": float(basis1 is not None)}
     )

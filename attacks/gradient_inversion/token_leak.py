@@ -26,7 +26,7 @@ import torch
 
 from .model_view import ROUNDING_STD, ModelView, PseudoGradient, rounding_noise
 from .result import Reconstruction
-from .span_check import first_layer_candidates, layer_basis, token_inputs
+from .span_check import search_first_layer
 
 LEVERAGE_CUT = 1 - 1e-5
 """Input rows have leverage 1 up to rounding (measured 1 - lev < 1e-7 on the tiny models of the
@@ -71,11 +71,7 @@ def token_leak(view: ModelView, grad: PseudoGradient, positions: int, options) -
         floor = options.rank_tolerance * rounding_noise(table, grad.scale)
         tokens, rank, ok = high_leverage_rows(g, floor, skip=view.tokenizer.all_special_ids)
         return Reconstruction([tokens], rank_condition=ok, rank=rank)
-    if view.input_space_gradient(grad, 0) is None:
-        return Reconstruction([], applicable=False)
-    inputs = token_inputs(view, 0, positions)
-    basis, rank, ok = layer_basis(view, grad, 0, options, inputs)
-    if not ok:
-        return Reconstruction([], rank_condition=False, rank=rank)
-    found = first_layer_candidates(inputs, basis, options.span_tolerance)
-    return Reconstruction([sorted({t for ts in found for t in ts})], rank_condition=True, rank=rank)
+    first = search_first_layer(view, grad, positions, options)
+    if isinstance(first, Reconstruction):
+        return first
+    return Reconstruction([sorted({t for ts in first.candidates for t in ts})], rank_condition=True, rank=first.rank)
