@@ -217,7 +217,9 @@ def _mean_from_cuts(column_total, lo: torch.Tensor, hi: torch.Tensor, n: int, b:
     where a cut is infinite; the exact mean of lo and hi when n − 2b ≤ 2 (no sum needed)."""
     if n - 2 * b <= 2:
         return _mean([lo, hi][: n - 2 * b])
-    mean = ((column_total() - b * (lo + hi)) / (n - 2 * b)).to(lo.dtype)
+    total = column_total()
+    cuts = lo.to(total.dtype) + hi.to(total.dtype)  # in the sum's precision, not half precision
+    mean = ((total - b * cuts) / (n - 2 * b)).to(lo.dtype)
     return torch.where(lo.isinf() | hi.isinf(), lo + hi, mean)
 
 

@@ -212,6 +212,15 @@ def test_order_statistics_with_nan_and_infinities_match_a_full_sort(n, b, compil
     assert torch.equal(got.share, rr.trimmed_mean(as_infinity, b).share)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_trimmed_mean_is_the_float32_one_rounded(dtype):
+    """Half-precision updates are summed, and the cut values subtracted, in float32: the
+    result is the float32 trimmed mean rounded once."""
+    X = torch.randn(7, 5000, generator=torch.Generator().manual_seed(0)).to(dtype)
+    expected = X.float().sort(dim=0).values[1:6].mean(0).to(dtype)
+    assert torch.equal(rr.trimmed_mean(X, 1).aggregate, expected)
+
+
 def test_krum_keeps_its_choice_among_honest_clients_beside_a_huge_attacker():
     """float32 updates, two attackers a million times larger: the honest clients' distances
     to each other stay exact enough that Krum chooses as it does in float64."""
