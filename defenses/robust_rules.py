@@ -240,6 +240,8 @@ def _fused_trimming(n: int, b: int):
     network, (low_row, high_row) = _selection_network(n, b)
 
     def cut_values(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`_compare_exchange`'s network, written functionally: the compiler, not
+        spare buffers, decides where values live."""
         rows = list(block.unbind(0))
         for i, j, low, high in network:
             a, c = rows[i], rows[j]
