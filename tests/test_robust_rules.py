@@ -196,16 +196,18 @@ def test_a_huge_value_does_not_cost_the_trimmed_mean_its_precision():
 @pytest.mark.parametrize("compiled", [False, True])
 def test_order_statistics_with_nan_and_infinities_match_a_full_sort(n, b, compiled):
     """NaN counts as +∞ and the infinities stay infinite in a block that holds a NaN, eager
-    and ``compiled=True``; compiled, the kernels come from a real torch.compile (not an
-    eager fallback) and give the eager shares."""
+    and ``compiled=True``; compiled, the kernels come from a real torch.compile (whole
+    graphs, not an eager fallback) and give the eager shares."""
     gen = torch.Generator().manual_seed(n)
     X = torch.randint(-3, 4, (n, 300), generator=gen).double()
     X[torch.rand(n, 300, generator=gen) < 0.05] = math.inf
     X[torch.rand(n, 300, generator=gen) < 0.05] = -math.inf
     X[0, 7] = math.nan
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    counters = torch._dynamo.utils.counters
+    graphs, breaks = counters["stats"]["unique_graphs"], counters["graph_break"].total()
     got = rr.trimmed_mean(X, b, compiled=compiled)
-    assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs) == compiled
+    assert (counters["stats"]["unique_graphs"] > graphs) == compiled
+    assert counters["graph_break"].total() == breaks  # each kernel is one whole graph
     as_infinity = torch.where(X.isnan(), math.inf, X)
     expected = as_infinity.sort(dim=0).values[b : n - b].mean(0)
     torch.testing.assert_close(got.aggregate, expected, rtol=0, atol=0, equal_nan=True)
