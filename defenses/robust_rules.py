@@ -166,18 +166,24 @@ class _Trimming:
     that column's result NaN, which the caller handles), then the mean from the clamped
     values' column sums, and per client the count of its values in [lo, hi].
 
-    Eager on the CPU, the buffers are allocated once per call (fresh multi-megabyte
-    buffers per block would each cost page faults) and X is never written. Compiled, the
-    whole of X is one block, run by the two fused kernels of :func:`_fused_trimming`.
+    The buffers are allocated once per call (fresh multi-megabyte buffers per block would
+    each cost page faults) and X is never written. Compiled, each block is copied into one
+    contiguous buffer ``_FUSED_BLOCK`` wide, the last one padded with zeros, and run by the
+    two fused kernels of :func:`_fused_trimming`: every call then has the same shape and
+    strides, so one compile serves every update size, and the second kernel reads the block
+    from cache. A padding column is all zeros, which every client keeps, so its count comes
+    off the clients' counts.
     """
 
     def __init__(self, X: torch.Tensor, b: int, compiled: bool):
         n, d = X.shape
         self.b = b
         self.fused = _fused_trimming(n, b) if compiled and X.device.type == "cpu" else None
-        self.blocks = [slice(0, d)] if self.fused else _column_blocks(X)
         if self.fused:
+            self.blocks = _column_blocks(X, _FUSED_BLOCK)
+            self.padded = X.new_empty(n, _FUSED_BLOCK)
             return
+        self.blocks = _column_blocks(X)
         width = min(d, self.blocks[0].stop)
         self.kept = X.new_empty(n, width)
         self.inside = torch.empty(n, width, dtype=torch.float32, device=X.device)
@@ -195,9 +201,12 @@ class _Trimming:
         return rows[self.cut_rows[0]], rows[self.cut_rows[1]]
 
     def __call__(self, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.fused:
-            return self.fused(block)
         width = block.shape[1]
+        if self.fused:
+            self.padded[:, :width] = block
+            self.padded[:, width:] = 0
+            mean, counts = self.fused(self.padded)
+            return mean[:width], counts - (_FUSED_BLOCK - width)
         lo, hi = self.cut_values(block)
         kept = torch.clamp(block, lo, hi, out=self.kept[:, :width])
         mean = _mean_from_cuts(lambda: self.column_sums(kept), lo, hi, len(block), self.b)
@@ -226,16 +235,16 @@ def _mean_from_cuts(column_total, lo: torch.Tensor, hi: torch.Tensor, n: int, b:
 @functools.cache
 def _fused_trimming(n: int, b: int):
     """The trimming of :class:`_Trimming` for n clients as two ``torch.compile`` kernels
-    (inductor, which needs a C++ compiler), for a whole (n, d) X.
+    (inductor, which needs a C++ compiler), for a contiguous (n, ``_FUSED_BLOCK``) block.
 
     Eager, each compare-exchange of the selection network is one pass over a block, so a
     value is loaded and stored once per comparator. Fused, the network runs in registers,
     one SIMD vector of coordinates at a time. The clamped sums and counts are a second
     kernel: fused into the first, the n inputs kept live across the network spill.
 
-    Compiling takes up to about 20 s per (n, b, d) (about 1 s once inductor has the
+    Compiling takes up to about 20 s per (n, b, dtype) (about 1 s once inductor has the
     kernels in its disk cache), so it pays for large updates or many rounds, not for small
-    runs. Past torch._dynamo's recompile limit (8 (n, b, d, dtype) per process) it runs
+    runs. Past torch._dynamo's recompile limit (8 (n, b, dtype) per process) it runs
     uncompiled.
     """
     network, (low_row, high_row) = _selection_network(n, b)
@@ -261,12 +270,14 @@ def _fused_trimming(n: int, b: int):
 
         return _mean_from_cuts(column_total, lo, hi, n, b), ((block >= lo) & (block <= hi)).sum(1)
 
-    # Static shapes: a kernel for each d (fixed over a run), some 40% faster than one for any
-    # d. Not fullgraph: past the recompile limit, dynamo then runs the function uncompiled
-    # (with a warning) instead of failing.
+    # Static shapes (some 40% faster than kernels for any width). Not fullgraph: past the
+    # recompile limit, dynamo then runs the function uncompiled, with a warning, instead of failing.
     cut_values = torch.compile(cut_values, dynamic=False)
     mean_and_counts = torch.compile(mean_and_counts, dynamic=False)
     return lambda block: mean_and_counts(block, *cut_values(block))
+
+
+_FUSED_BLOCK = 1 << 15
 
 
 # Order statistics on the CPU. torch.sort along the client axis runs one small scalar sort
@@ -283,10 +294,10 @@ def _fused_trimming(n: int, b: int):
 _BLOCK = (1 << 15) - 1
 
 
-def _column_blocks(X: torch.Tensor) -> list[slice]:
-    """Slices of X's columns: blocks of ``_BLOCK`` on the CPU, one slice on other devices."""
+def _column_blocks(X: torch.Tensor, width: int = _BLOCK) -> list[slice]:
+    """Slices of X's columns: blocks of ``width`` on the CPU, one slice on other devices."""
     d = X.shape[1]
-    width = _BLOCK if X.device.type == "cpu" else max(1, d)
+    width = width if X.device.type == "cpu" else max(1, d)
     return [slice(c, c + width) for c in range(0, max(1, d), width)]
 
 
@@ -704,7 +715,7 @@ class OrderStatisticsOptions(Options):
     compile: bool = Field(
         False,
         description="CPU only: compute the order statistics with two kernels fused by torch.compile (needs a "
-        "C++ compiler): about 2–3× faster per round after a one-off compile of up to about 20 s, so worth it for large "
+        "C++ compiler): about 2–2.5× faster per round after a one-off compile of up to about 20 s, so worth it for large "
         "updates or many rounds.",
     )
 
