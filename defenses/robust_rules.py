@@ -135,7 +135,7 @@ def trimmed_mean(X: torch.Tensor, b: int, compiled: bool = False) -> Robust:
 
     ``compiled`` (CPU only): run the same computation as two kernels fused by
     ``torch.compile``, each value loaded once instead of once per compare-exchange,
-    after a one-off compile per (n, b, d) (see :func:`_fused_trimming`).
+    after a one-off compile per (n, b, dtype) (see :func:`_fused_trimming`).
     """
     aggregate = X.new_empty(X.shape[1])
     counts = X.new_zeros(X.shape[0], dtype=torch.float64)
@@ -277,9 +277,6 @@ def _fused_trimming(n: int, b: int):
     return lambda block: mean_and_counts(block, *cut_values(block))
 
 
-_FUSED_BLOCK = 1 << 15
-
-
 # Order statistics on the CPU. torch.sort along the client axis runs one small scalar sort
 # per coordinate, several times slower than numpy's, so the cut values are found by a
 # selection network instead (and Bulyan's values sorted by a sorting network): a fixed
@@ -292,6 +289,9 @@ _FUSED_BLOCK = 1 << 15
 # a kernel launch, so there it sorts, in one block.
 
 _BLOCK = (1 << 15) - 1
+_FUSED_BLOCK = 1 << 15
+"""The compiled kernels' block width: a power of two, so their SIMD loops have no scalar
+tail (torch's parallel grain, which bounds ``_BLOCK``, does not concern them)."""
 
 
 def _column_blocks(X: torch.Tensor, width: int = _BLOCK) -> list[slice]:
@@ -714,9 +714,9 @@ class MultiKrum(Krum):
 class OrderStatisticsOptions(Options):
     compile: bool = Field(
         False,
-        description="CPU only: compute the order statistics with two kernels fused by torch.compile (needs a "
-        "C++ compiler): about 2–2.5× faster per round after a one-off compile of up to about 20 s, so worth it for large "
-        "updates or many rounds.",
+        description="CPU only: compute the order statistics with two kernels fused by torch.compile "
+        "(needs a C++ compiler): about 2–2.5× faster per round after a one-off compile of up to about "
+        "20 s, so worth it for large updates or many rounds.",
     )
 
 
