@@ -80,9 +80,7 @@ def _cache_blocks(X: torch.Tensor) -> list[slice]:
     stall badly when other processes hold the cores.
     """
     n, d = X.shape
-    single = X.device.type == "cpu" and torch.get_num_threads() == 1
-    width = max(1, (1 << 18) // max(1, n)) if single else max(1, d)
-    return [slice(c, c + width) for c in range(0, max(1, d), width)]
+    return _column_blocks(X, max(1, (1 << 18) // max(1, n)) if torch.get_num_threads() == 1 else max(1, d))
 
 
 def krum_scores(dist: torch.Tensor, f: int, min_neighbours: int = 0) -> torch.Tensor:
