@@ -16,52 +16,19 @@ from __future__ import annotations
 import random
 import re
 
-import torch
 from pydantic import Field
 
 from fedsec_bench.client import LocalTraining
+from fedsec_bench.lm import greedy_continuations
 from fedsec_bench.messages import ClientContext, RoundContext
 
 from .poisoning import PoisoningAttack, PoisoningOptions
 
 
-@torch.no_grad()
-def greedy_continuations(runtime, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy continuation of every prompt by the current global model, decoded to text.
-
-    Prompts are right-padded into one batch; a causal model never attends to the
-    padding after a row's last token, so each step reads the logits at that position
-    and writes the next token over the padding (no cache, no position shifts).
-    """
-    model, tokenizer, device = runtime.model, runtime.tokenizer, runtime.device
-    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    lengths = torch.tensor([len(x) for x in ids], device=device)
-    buffer = torch.full((len(ids), int(lengths.max()) + max_new_tokens), tokenizer.pad_token_id, device=device)
-    for row, seq in enumerate(ids):
-        buffer[row, : len(seq)] = torch.tensor(seq, device=device)
-    rows = torch.arange(len(ids), device=device)
-    was_training = model.training
-    model.eval()
-    for _ in range(max_new_tokens):
-        width = int(lengths.max())
-        logits = model(input_ids=buffer[:, :width], attention_mask=torch.ones_like(buffer[:, :width])).logits
-        logits = logits[:, -width:]  # drop soft-prompt positions (prompt mode)
-        buffer[rows, lengths] = logits[rows, lengths - 1].argmax(-1)
-        lengths = lengths + 1
-    model.train(was_training)
-    start = [len(x) for x in ids]
-    eos = tokenizer.eos_token_id
-    outputs = []
-    for row, first in enumerate(start):
-        new = buffer[row, first : first + max_new_tokens].tolist()
-        outputs.append(tokenizer.decode(new[: new.index(eos)] if eos in new else new))
-    return outputs
-
-
 def success_rate(runtime, prompts: list[str], targets: list[str]) -> float:
     """Fraction of prompts whose greedy continuation starts with its target (leading spaces ignored)."""
     longest = max(len(runtime.tokenizer(" " + t, add_special_tokens=False)["input_ids"]) for t in targets)
-    outputs = greedy_continuations(runtime, prompts, longest + 2)
+    outputs = greedy_continuations(runtime.model, runtime.tokenizer, prompts, longest + 2, runtime.device)
     return sum(out.lstrip().startswith(t) for out, t in zip(outputs, targets)) / len(prompts)
 
 

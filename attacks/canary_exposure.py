@@ -26,11 +26,11 @@ from typing import Callable, Literal
 
 import numpy as np
 import pandas as pd
-import torch
 from pydantic import Field
 from scipy import stats
 
 from fedsec_bench.data.synthetic import DOMAINS, FIRST_NAMES, LAST_NAMES, Canary
+from fedsec_bench.lm import greedy_continuations
 from fedsec_bench.plugins import Options, Plugin
 
 from .membership.scores import token_logprobs
@@ -89,26 +89,27 @@ def log_perplexity(runtime, texts: list[str]) -> np.ndarray:
     return np.array([-lp.sum() / math.log(2) for lp in token_logprobs(runtime, texts)])
 
 
-@torch.no_grad()
-def greedy_extracts(runtime, canary: Canary) -> bool:
-    """Does greedy decoding from the prefix reproduce the secret (and stop the word there)?
+def greedy_extractions(runtime, canaries: list[Canary]) -> list[bool]:
+    """For each canary: does greedy decoding from its prefix reproduce the secret (and stop the word there)?
 
-    The prefix is fed without its trailing space: byte-level BPE attaches a space to the
-    word after it, so the secret's first token carries it.
+    A prefix is fed without its trailing space: byte-level BPE attaches a space to the
+    word after it, so the secret's first token carries it. Each canary may decode as
+    many tokens as the rest of its own text (the secret and " .") takes.
     """
-    tok, model = runtime.tokenizer, runtime.model
-    prompt = tok(canary.prefix.rstrip(), add_special_tokens=False)["input_ids"]
-    full = tok(canary.text, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([prompt], device=runtime.device)
-    was_training = model.training
-    model.eval()
-    for _ in range(max(1, len(full) - len(prompt))):
-        next_id = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
-        ids = torch.cat([ids, next_id], dim=1)
-    model.train(was_training)
-    produced = tok.decode(ids[0, len(prompt) :].tolist()).strip()
-    rest = produced[len(canary.secret) :]
-    return produced.startswith(canary.secret) and not rest[:1].isalnum()
+    tok = runtime.tokenizer
+    prompts = [canary.prefix.rstrip() for canary in canaries]
+    budgets = [
+        max(1, len(tok(canary.text, add_special_tokens=False)["input_ids"])
+            - len(tok(prompt, add_special_tokens=False)["input_ids"]))
+        for canary, prompt in zip(canaries, prompts)
+    ]
+    produced = greedy_continuations(runtime.model, tok, prompts, budgets, runtime.device)
+    return [extracts(canary.secret, text.strip()) for canary, text in zip(canaries, produced)]
+
+
+def extracts(secret: str, produced: str) -> bool:
+    """The decoded text starts with the whole secret, not with a longer word that begins like it."""
+    return produced.startswith(secret) and not produced[len(secret) : len(secret) + 1].isalnum()
 
 
 class ExposureOptions(Options):
@@ -139,7 +140,12 @@ class CanaryExposure(Plugin):
         self.participants.update(r.client_id for r in round.reports)
 
     def training_end(self, runtime) -> dict[str, float]:
-        rows = [self.measure(canary) for canary in runtime.data.canaries]
+        canaries = runtime.data.canaries
+        rows = [self.measure(canary) for canary in canaries]
+        if self.options.extraction:
+            whole = [i for i, row in enumerate(rows) if row["method"] != "truncated"]
+            for i, hit in zip(whole, greedy_extractions(runtime, [canaries[i] for i in whole])):
+                rows[i]["extracted"] = hit
         table = pd.DataFrame(rows)
         runtime.write_table("canary_exposure.csv", table)
         return self.figures(table[table.trained])
@@ -169,13 +175,10 @@ class CanaryExposure(Plugin):
             sampled = space.sample(rng, self.options.samples)
             px = log_perplexity(self.runtime, [canary.prefix + c + " ." for c in sampled])
             exposure = exposure_extrapolated(secret_px, px, space.size, self.options.fit)
-        row |= {
+        return row | {
             "method": "exact" if exact else f"extrapolated ({self.options.fit})",
             "secret_log_perplexity": secret_px, "exposure": exposure,
         }
-        if self.options.extraction:
-            row["extracted"] = greedy_extracts(self.runtime, canary)
-        return row
 
     def figures(self, trained: pd.DataFrame) -> dict[str, float]:
         """Means over the canaries whose client trained at least once (truncated ones skipped), overall

@@ -16,26 +16,34 @@ import math
 import torch
 from pydantic import Field
 
-from fedsec_bench.messages import ClientContext, Message, RoundContext, State
-from fedsec_bench.updates import flatten, unflatten
+from fedsec_bench.messages import ClientContext, Message, RoundContext, State, plain_updates
+from fedsec_bench.updates import flatten, gaussian_noise, unflatten
 
 from .poisoning import PoisoningAttack, PoisoningOptions
+
+
+class UpdatePoisoning(PoisoningAttack):
+    """A malicious client replaces its own update by :meth:`poison` of it, in the rounds it attacks."""
+
+    def client_update(self, client: ClientContext, update: State) -> State:
+        return self.poison(client, update) if self.attacking(client) else update
+
+    def poison(self, client: ClientContext, update: State) -> State:
+        raise NotImplementedError
 
 
 class SignFlipOptions(PoisoningOptions):
     scale: float = Field(1.0, gt=0, description="The malicious update is −scale × the honest one.")
 
 
-class SignFlip(PoisoningAttack):
+class SignFlip(UpdatePoisoning):
     """Send −scale · Δ: the honest update reversed (the sign-flipping attack of Li et al. 2019, RSA)."""
 
     name = "sign_flip"
     summary = "malicious clients send their update reversed and scaled (−scale·Δ)"
     OptionsModel = SignFlipOptions
 
-    def client_update(self, client: ClientContext, update: State) -> State:
-        if not self.attacking(client):
-            return update
+    def poison(self, client: ClientContext, update: State) -> State:
         return {name: -self.options.scale * t for name, t in update.items()}
 
 
@@ -43,21 +51,15 @@ class GaussianOptions(PoisoningOptions):
     std: float = Field(1.0, gt=0, description="Standard deviation of each coordinate of the sent noise.")
 
 
-class Gaussian(PoisoningAttack):
+class Gaussian(UpdatePoisoning):
     """Send N(0, std² I) in place of the update: Blanchard et al. 2017's Gaussian Byzantine worker."""
 
     name = "gaussian"
     summary = "malicious clients send Gaussian noise N(0, std²) instead of their update"
     OptionsModel = GaussianOptions
 
-    def client_update(self, client: ClientContext, update: State) -> State:
-        if not self.attacking(client):
-            return update
-        generator = torch.Generator().manual_seed(client.seed)
-        return {
-            name: (self.options.std * torch.randn(t.shape, generator=generator, dtype=t.dtype)).to(t.device)
-            for name, t in update.items()
-        }
+    def poison(self, client: ClientContext, update: State) -> State:
+        return gaussian_noise(update, self.options.std, torch.Generator().manual_seed(client.seed))
 
 
 class ScalingOptions(PoisoningOptions):
@@ -66,7 +68,7 @@ class ScalingOptions(PoisoningOptions):
     )
 
 
-class Scaling(PoisoningAttack):
+class Scaling(UpdatePoisoning):
     """Model replacement (Bagdasaryan et al. 2020, "How to backdoor federated learning").
 
     The attacker wants the global model to become its local model X. Under
@@ -84,17 +86,18 @@ class Scaling(PoisoningAttack):
         fed = runtime.scenario.federation
         self.boost = options.boost if options.boost is not None else fed.clients_per_round / fed.server_lr
 
-    def client_update(self, client: ClientContext, update: State) -> State:
-        if not self.attacking(client):
-            return update
+    def poison(self, client: ClientContext, update: State) -> State:
         return {name: self.boost * t for name, t in update.items()}
 
 
 class CollusionAttack(PoisoningAttack):
     """Malicious clients of the round all send one vector crafted from the benign updates.
 
-    A round with no benign client (or no malicious one) is left as it is.
+    A round with no benign client (or no malicious one) is left as it is. The crafting reads the
+    benign updates in the clear, so a transport that hides them rules these attacks out.
     """
+
+    needs_plain_updates = True
 
     def client_update(self, client: ClientContext, update: State) -> State:
         self.attacking(client)  # the ground-truth mark; the update itself is replaced in collusion()
@@ -108,15 +111,10 @@ class CollusionAttack(PoisoningAttack):
         bad = [self.attacks(msg.client_id, round.round) for msg in messages]
         if not any(bad) or all(bad):
             return messages
-        for msg in messages:
-            if not isinstance(msg.payload, dict):
-                raise TypeError(
-                    f"{self.name} needs the plain benign updates in the collusion hook, but client "
-                    f"{msg.client_id}'s was a {type(msg.payload).__name__} (encrypted or masked in transport)"
-                )
-        benign = torch.stack([flatten(msg.payload) for msg, b in zip(messages, bad) if not b])
+        updates = plain_updates(messages, f"{self.name} (crafting from the benign updates)")
+        benign = torch.stack([flatten(update) for update, b in zip(updates, bad) if not b])
         crafted = unflatten(self.craft(benign, len(messages), sum(bad)), like=round.global_state)
-        return [Message.plain(msg.client_id, msg.num_examples, dict(crafted)) if b else msg
+        return [Message.of_update(msg.client_id, msg.num_examples, dict(crafted)) if b else msg
                 for msg, b in zip(messages, bad)]
 
 

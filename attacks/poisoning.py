@@ -6,10 +6,9 @@ the same ``clients`` option pick the same clients, so a ``backdoor`` and a
 ``scaling`` entry with equal ``clients`` are one attacker poisoning both its data and
 its update.
 
-A client that attacks in a round records ``poison.malicious = 1`` in its client
-metrics. Those reach only the simulator's :class:`~fedsec_bench.messages.ClientReport`,
-never the server: robust rules use them as ground truth for their exclusion
-precision and recall, not to decide.
+A client that attacks in a round is marked in the simulator's ground truth
+(:mod:`fedsec_bench.ground_truth`), never shown to the server: robust rules use it for
+their exclusion precision and recall, not to decide.
 """
 
 from __future__ import annotations
@@ -17,10 +16,10 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field, StrictFloat, model_validator
 
+from fedsec_bench.ground_truth import mark_malicious
 from fedsec_bench.messages import ClientContext
 from fedsec_bench.plugins import Options, Plugin
 
-MALICIOUS_KEY = "poison.malicious"
 SELECTION_KEY = 0x504F4953  # "POIS": the seed key of the malicious draw, shared by every attack
 
 
@@ -81,6 +80,6 @@ class PoisoningAttack(Plugin):
     def attacking(self, client: ClientContext) -> bool:
         """True when this client attacks this round; records the simulator-side ground truth."""
         if self.attacks(client.client_id, client.round):
-            client.metrics[MALICIOUS_KEY] = 1.0
+            mark_malicious(client)
             return True
         return False

@@ -21,7 +21,7 @@ class UpdateProbe(Plugin):
     summary = "server-side observer: norms of the updates the server can read"
 
     def server_observation(self, round: RoundContext, messages: list[Message]) -> dict[str, float]:
-        readable = [m.payload for m in messages if isinstance(m.payload, dict)]
+        readable = [m.payload for m in messages if m.is_plain]
         norms = [l2_norm(u) for u in readable]
         return {
             "probe.readable_fraction": len(readable) / len(messages) if messages else 0.0,

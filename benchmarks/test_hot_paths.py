@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedsec_bench import load_scenario
 from fedsec_bench.aggregation import fedavg
 from fedsec_bench.client import LocalTraining, make_optimizer
 from fedsec_bench.data import build_federated_data
 from fedsec_bench.executors import make_executor
 from fedsec_bench.federation import Federation
 from fedsec_bench.messages import ClientContext, Message, RoundContext
-from fedsec_bench.plugins import HookChain, configured_plugins
+from fedsec_bench.plan import load_plan
+from fedsec_bench.registry import get_plugin
 from fedsec_bench.runtime import build_runtime
 
 CLIENTS, VALUES = 10, 100_000
@@ -48,20 +48,19 @@ def one_thread():
 def messages(values: int = VALUES):
     generator = torch.Generator().manual_seed(0)
     like = {"w": torch.zeros(values)}
-    return like, [Message.plain(c, 10 + c, {"w": torch.randn(values, generator=generator) * 0.01}) for c in range(CLIENTS)]
+    return like, [Message.of_update(c, 10 + c, {"w": torch.randn(values, generator=generator) * 0.01}) for c in range(CLIENTS)]
 
 
 def runtime_for(raw: dict, tmp_path: Path, *overrides: str):
-    scenario = load_scenario(copy.deepcopy(raw), list(overrides))
+    plan = load_plan(copy.deepcopy(raw), list(overrides))
+    scenario = plan.scenario
     runtime = build_runtime(scenario, build_federated_data(scenario), torch.device("cpu"), tmp_path)
-    hooks = HookChain([cls(options, runtime) for _, cls, options in configured_plugins(scenario)])
+    hooks = plan.hook_chain(runtime)
     return runtime, hooks
 
 
 @pytest.mark.parametrize("rule", ["fedavg", "median", "trimmed_mean", "krum"])
 def test_aggregation_rule(benchmark, tmp_path, rule):
-    from fedsec_bench.plugins import get_plugin
-
     like, sent = messages()
     if rule == "fedavg":
         benchmark(fedavg, sent, like)

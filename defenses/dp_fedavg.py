@@ -11,7 +11,7 @@ once); the server releases
 a sum over the fixed denominator q·N (the expected number of participants), not a mean
 over whoever showed up: the denominator must not depend on the data. One round is the
 sampled Gaussian mechanism with sensitivity S at rate q, so the user-level budget is
-the Poisson-subsampled Gaussian's RDP composed over rounds (:mod:`.accounting`).
+the Poisson-subsampled Gaussian's RDP composed over rounds (a :class:`.accounting.Ledger`).
 
 Options beyond the paper:
 
@@ -32,7 +32,9 @@ Transport: every message is sent with ``num_examples = 1`` (equal user weights, 
 dataset size on the wire), so FedAvg's example-weighted mean becomes the plain mean of
 the n participants' updates and ``post_aggregation`` turns it back into the sum
 (· n) before adding the noise and dividing by q·N. This relies on the aggregation
-computing the weighted mean of ``Message.num_examples``; check() refuses other rules.
+computing the weighted mean of ``Message.num_examples`` (``needs_mean_aggregate``: the plan refuses
+other rules), and on its transport seeing the plain update (the plan refuses a hiding transport
+listed before it).
 """
 
 from __future__ import annotations
@@ -43,10 +45,10 @@ import torch
 from pydantic import Field, model_validator
 
 from fedsec_bench.messages import ClientContext, Message, RoundContext, State
-from fedsec_bench.plugins import Options, Plugin, get_plugin
-from fedsec_bench.updates import l2_norm
+from fedsec_bench.plugins import Options, Plugin
+from fedsec_bench.updates import add_gaussian_noise, clip_to_norm, zeros_like
 
-from .accounting import RdpLedger
+from .accounting import Ledger
 
 
 class DPFedAvgOptions(Options):
@@ -82,6 +84,7 @@ class DPFedAvg(Plugin):
     kind = "defense"
     summary = "user-level DP-FedAvg: clip each update, Gaussian noise on the sum, fixed denominator (McMahan et al. 2018)"
     OptionsModel = DPFedAvgOptions
+    needs_mean_aggregate = True  # post_aggregation turns the mean of equal weights back into the sum
 
     def __init__(self, options: DPFedAvgOptions, runtime):
         super().__init__(options, runtime)
@@ -93,7 +96,7 @@ class DPFedAvg(Plugin):
         self.count_noise = options.count_noise or self.expected_clients / 20
         self.update_noise = update_noise_multiplier(options, self.count_noise)
         self.min_clients = options.min_clients or max(1, math.floor(self.expected_clients))
-        self.ledger = RdpLedger()
+        self.ledger = Ledger()
         self.round_figures: dict[str, float] = {}
 
     @classmethod
@@ -103,18 +106,6 @@ class DPFedAvg(Plugin):
             raise ValueError(
                 "the user-level accountant analyses Poisson client sampling (each client with q = "
                 "clients_per_round/num_clients), not exactly k clients per round; set federation.sampling: poisson"
-            )
-        if fed.aggregator.name != "fedavg":
-            raise ValueError(
-                f"dp_fedavg turns the mean of equally weighted updates into a noised sum over q·N; "
-                f"federation.aggregator={fed.aggregator.name} is not that mean; use federation.aggregator: fedavg"
-            )
-        names = [spec.name for spec in scenario.defenses]
-        before = [n for n in names[: names.index(cls.name)] if "transport" in get_plugin(n, "defense").hooks()]
-        if before:
-            raise ValueError(
-                f"list dp_fedavg before {', '.join(before)} in defenses: updates must be clipped (and noised, if "
-                "distributed) and sent with equal weights before a transport defense encrypts or masks them"
             )
         expected = fed.clients_per_round
         if options.adaptive_clipping and options.noise_multiplier > 0:
@@ -130,14 +121,12 @@ class DPFedAvg(Plugin):
 
     # --- client side --------------------------------------------------------------
     def client_update(self, client: ClientContext, update: State) -> State:
-        norm = l2_norm(update)
+        clipped, norm = clip_to_norm(update, self.clip_norm)
         client.metrics["dp_fedavg.update_norm"] = norm
         client.metrics["dp_fedavg.unclipped"] = float(norm <= self.clip_norm)
-        scale = min(1.0, self.clip_norm / (norm + 1e-12))
-        clipped = {name: t * scale for name, t in update.items()}
         if self.options.distributed:
             std = self.update_noise * self.clip_norm / math.sqrt(self.min_clients)
-            clipped = add_gaussian(clipped, std, torch.Generator().manual_seed(client.seed))
+            clipped = add_gaussian_noise(clipped, std, torch.Generator().manual_seed(client.seed))
         return clipped
 
     def transport(self, client: ClientContext, message: Message) -> Message:
@@ -152,20 +141,21 @@ class DPFedAvg(Plugin):
         total = {name: t * participants for name, t in aggregate.items()}
         if not self.options.distributed:
             generator = torch.Generator().manual_seed(self.runtime.seed_for(round.round, 0, 1))
-            total = add_gaussian(total, self.update_noise * self.clip_norm, generator)
+            total = add_gaussian_noise(total, self.update_noise * self.clip_norm, generator)
         clip_used = self.clip_norm
         delivered = set(round.delivered)
         unclipped = sum(r.metrics["dp_fedavg.unclipped"] for r in round.reports if r.client_id in delivered)
         if self.options.adaptive_clipping:
             self.adapt_clip_norm(unclipped, participants, round.round)
-        self.ledger.compose(self.sample_rate, self.options.noise_multiplier)
+        self.ledger.compose(self.options.noise_multiplier, self.sample_rate)
         self.round_figures = {
             "dp_fedavg.clip_norm": clip_used,
             "dp_fedavg.clipped_fraction": 1 - unclipped / participants if participants else 0.0,
             "dp_fedavg.skipped_round": float(skipped),
         }
-        scale = 0.0 if skipped else 1.0 / self.expected_clients
-        return {name: t * scale for name, t in total.items()}
+        if skipped:
+            return zeros_like(aggregate)
+        return {name: t * (1.0 / self.expected_clients) for name, t in total.items()}
 
     def adapt_clip_norm(self, unclipped: float, participants: int, rnd: int) -> None:
         """S ← S·exp(−η(b̄ − γ)), b̄ = (Σ(b_k − ½) + N(0, σ_b²))/(q·N) + ½ (Andrew et al. 2021, Algorithm 1)."""
@@ -188,11 +178,3 @@ def update_noise_multiplier(options: DPFedAvgOptions, count_noise: float) -> flo
     if not options.adaptive_clipping or z == 0:
         return z
     return (z**-2 - (2 * count_noise) ** -2) ** -0.5
-
-
-def add_gaussian(state: State, std: float, generator: torch.Generator) -> State:
-    """state + N(0, std²) on every coordinate (drawn on the CPU from ``generator``, reproducibly)."""
-    return {
-        name: t + std * torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device)
-        for name, t in state.items()
-    }

@@ -4,11 +4,11 @@ DP-SGD (Abadi et al. 2016, "Deep Learning with Differential Privacy"), per step:
 sample a batch (Poisson, each example with probability q), compute every example's
 gradient g_i, clip it to ``max_grad_norm`` C (g_i · min(1, C/‖g_i‖)), add N(0, σ²C²I)
 to the sum and divide by the expected batch size q·n. The sampled Gaussian mechanism
-composed over the client's steps is accounted with Opacus (RDP, Mironov et al. 2019,
-or PRV, Gopi et al. 2021); each client has its own accountant, kept for the whole run,
-because each client runs its own mechanism on its own records. Clients report the
-mechanism and its steps; the accountants live with the plugin on the driver, where
-``round_end`` composes them (the client side may run on a Ray worker).
+composed over the client's steps is accounted in a :class:`.accounting.Ledger` (Opacus'
+RDP, Mironov et al. 2019, or PRV, Gopi et al. 2021); each client has its own ledger,
+kept for the whole run, because each client runs its own mechanism on its own records.
+Clients report the mechanism and its steps; the ledgers live with the plugin on the
+driver, where ``round_end`` composes them (the client side may run on a Ray worker).
 
 Per-example gradients come from Opacus' GradSampleModule in ``hooks`` mode (see
 :data:`GRAD_SAMPLE_MODE`). Three traps of Hugging Face + PEFT models are handled here,
@@ -37,26 +37,23 @@ the evaluation see the plain model.
 
 from __future__ import annotations
 
-import functools
-import math
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from opacus import GradSampleModule
-from opacus.accountants import IAccountant, create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from pydantic import Field, model_validator
 from torch.utils.data import DataLoader
 
 from fedsec_bench.client import LocalTraining, epochs, local_steps
-from fedsec_bench.data.batching import IGNORE_INDEX
+from fedsec_bench.lm import soft_prompted, target_logprobs
 from fedsec_bench.messages import ClientContext
 from fedsec_bench.plugins import Options, Plugin
+
+from .accounting import Ledger, calibrate
 
 GRAD_SAMPLE_MODE = {"full": "hooks", "lora": "hooks", "prompt": "hooks"}
 """Opacus grad-sample mode per tuning mode (``functorch`` is the alternative, for comparison).
@@ -107,64 +104,27 @@ class Mechanism:
 
 @dataclass
 class ClientBudget:
-    """The ledger of one client's DP-SGD spend, composed from its round reports over the whole run."""
+    """One client's ledger, composed from its round reports over the whole run, and the mechanism it ran."""
 
     mechanism: Mechanism
-    accountant: IAccountant
-    steps: int = 0
+    ledger: Ledger
 
     def spend(self, mechanism: Mechanism, steps: int) -> None:
-        for _ in range(steps):
-            self.accountant.step(noise_multiplier=mechanism.noise_multiplier, sample_rate=mechanism.sample_rate)
-        self.mechanism, self.steps = mechanism, self.steps + steps
-
-    def epsilon(self, delta: float) -> float:
-        if self.steps == 0:
-            return 0.0
-        if self.mechanism.noise_multiplier == 0:
-            return math.inf
-        return float(self.accountant.get_epsilon(delta=delta))
-
-
-@functools.lru_cache(maxsize=256)
-def calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
-    """σ for which ``steps`` sampled-Gaussian steps at rate q spend at most target_epsilon (Opacus' search)."""
-    try:
-        return float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                steps=steps, accountant=accountant,
-            )
-        )
-    except ValueError:
-        raise ValueError(
-            f"target_epsilon={target_epsilon} is unreachable in {steps} steps at sample rate {sample_rate:.3g} "
-            f"with delta={delta:.3g} (even σ=1e6 spends more); raise target_epsilon or delta, or run fewer steps"
-        ) from None
+        self.ledger.compose(mechanism.noise_multiplier, mechanism.sample_rate, steps)
+        self.mechanism = mechanism
 
 
 def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Each example's mean next-token loss over its own tokens: one value per example."""
-    target = labels[:, 1:]
-    per_token = F.cross_entropy(logits[:, :-1].transpose(1, 2), target, reduction="none", ignore_index=IGNORE_INDEX)
-    counts = (target != IGNORE_INDEX).sum(1).clamp(min=1)
-    return per_token.sum(1) / counts
+    logprobs, is_target = target_logprobs(logits, labels)
+    return -(logprobs * is_target).sum(1) / is_target.sum(1).clamp(min=1)
 
 
 def prompt_forward(peft_model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """PEFT prompt tuning's forward with one row of prompt tokens per example (logits of the real tokens).
-
-    PEFT's own forward encodes ``prompt_tokens[:1]`` and repeats the result, which
-    leaves the prompt embedding one activation row for the whole batch.
-    """
-    adapter = peft_model.active_adapter
-    virtual = peft_model.peft_config[adapter].num_virtual_tokens
-    batch = input_ids.shape[0]
-    tokens = peft_model.prompt_tokens[adapter].to(input_ids.device).unsqueeze(0).expand(batch, -1)
-    prompts = peft_model.prompt_encoder[adapter](tokens)
-    embeds = torch.cat([prompts.to(peft_model.word_embeddings.weight.dtype), peft_model.word_embeddings(input_ids)], 1)
-    mask = torch.cat([attention_mask.new_ones(batch, virtual), attention_mask], 1)
-    return peft_model.base_model(inputs_embeds=embeds, attention_mask=mask).logits[:, virtual:]
+    """PEFT prompt tuning's forward with the soft prompt encoded once per example (:func:`soft_prompted`),
+    logits of the real tokens only."""
+    embeds, mask = soft_prompted(peft_model, input_ids, attention_mask)
+    return peft_model.base_model(inputs_embeds=embeds, attention_mask=mask).logits[:, -input_ids.shape[1] :]
 
 
 def per_example_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], mode: str) -> torch.Tensor:
@@ -312,14 +272,15 @@ class DPSGD(Plugin):
             int(reported["dp_sgd.examples"]), reported["dp_sgd.sample_rate"], reported["dp_sgd.noise_multiplier"]
         )
         if client_id not in self.budgets:
-            self.budgets[client_id] = ClientBudget(mechanism, create_accountant(self.options.accountant))
+            self.budgets[client_id] = ClientBudget(mechanism, Ledger(self.options.accountant))
         self.budgets[client_id].spend(mechanism, int(reported["dp_sgd.steps"]))
 
     def table(self) -> list[dict]:
         """Per-client ε so far: one row per client that has trained."""
         return [
             {"client_id": cid, "examples": b.mechanism.examples, "sample_rate": b.mechanism.sample_rate,
-             "noise_multiplier": b.mechanism.noise_multiplier, "steps": b.steps, "epsilon": b.epsilon(self.delta),
+             "noise_multiplier": b.mechanism.noise_multiplier, "steps": b.ledger.steps,
+             "epsilon": b.ledger.epsilon(self.delta),
              "delta": self.delta}
             for cid, b in sorted(self.budgets.items())
         ]

@@ -40,13 +40,11 @@ from typing import Iterable, Literal
 
 import numpy as np
 import tenseal as ts
-import torch
 from pydantic import Field, ValidationInfo, field_validator
 
-from fedsec_bench.aggregation import refuse_nonlinear_aggregator
 from fedsec_bench.messages import ClientContext, Message, RoundContext, State
 from fedsec_bench.plugins import Options, Plugin
-from fedsec_bench.updates import as_state, flatten
+from fedsec_bench.updates import as_state, flatten, zeros_like
 
 MAX_COEFF_BITS = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
 """Largest total coefficient modulus for 128-bit security (HomomorphicEncryption.org standard, as in SEAL)."""
@@ -236,6 +234,8 @@ class HEAggregation(Plugin):
     kind = "defense"
     summary = "clients send CKKS ciphertexts (TenSEAL); the server sums them without the key, the clients decrypt"
     OptionsModel = HEAggregationOptions
+    sends_plain = False  # ciphertexts: the server can only add them up
+    aggregates_mean = True
 
     def __init__(self, options: HEAggregationOptions, runtime):
         super().__init__(options, runtime)
@@ -257,10 +257,6 @@ class HEAggregation(Plugin):
     def __setstate__(self, state: dict) -> None:
         self.__dict__ = state | {"key_holders": KeyHolders.from_serialized(state["key_holders"], state["options"])}
 
-    @classmethod
-    def check(cls, options: HEAggregationOptions, scenario) -> None:
-        refuse_nonlinear_aggregator(scenario, "CKKS ciphertexts it cannot decrypt")
-
     def new_chunks(self, client: ClientContext) -> InMemoryChunks | SpooledChunks:
         if self.spool_dir is None:
             return InMemoryChunks()
@@ -280,7 +276,7 @@ class HEAggregation(Plugin):
     def aggregation(self, round: RoundContext, messages: list[Message]) -> State:
         self._figures = {}
         if not messages:
-            return {name: torch.zeros_like(t) for name, t in round.global_state.items()}
+            return zeros_like(round.global_state)
         updates = [m.payload for m in messages]
         size = updates[0].num_values
         if any(not isinstance(u, EncryptedUpdate) or u.num_values != size for u in updates):

@@ -11,7 +11,7 @@ from pydantic import Field
 
 from fedsec_bench.messages import ClientContext, State
 from fedsec_bench.plugins import Options, Plugin
-from fedsec_bench.updates import l2_norm
+from fedsec_bench.updates import clip_to_norm
 
 
 class NormClipOptions(Options):
@@ -25,10 +25,8 @@ class NormClip(Plugin):
     OptionsModel = NormClipOptions
 
     def client_update(self, client: ClientContext, update: State) -> State:
-        norm = l2_norm(update)
-        client.metrics["norm_clip.pre_clip_norm"] = norm
-        scale = min(1.0, self.options.max_norm / (norm + 1e-12))
-        return {name: t * scale for name, t in update.items()}
+        clipped, client.metrics["norm_clip.pre_clip_norm"] = clip_to_norm(update, self.options.max_norm)
+        return clipped
 
     def round_end(self, round, metrics):
         norms = [r.metrics["norm_clip.pre_clip_norm"] for r in round.reports]

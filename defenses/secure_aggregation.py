@@ -37,13 +37,11 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from pydantic import Field
 
-from fedsec_bench.aggregation import refuse_nonlinear_aggregator
 from fedsec_bench.messages import ClientContext, Message, RoundContext, State
 from fedsec_bench.plugins import Options, Plugin
-from fedsec_bench.updates import as_state, flatten
+from fedsec_bench.updates import as_state, flatten, zeros_like
 
 PAIR, SELF, DROP = 1, 2, 3
 """Domain tags that keep the pairwise seeds, self-mask seeds and dropout draws independent."""
@@ -145,6 +143,8 @@ class SecureAggregation(Plugin):
     kind = "defense"
     summary = "pairwise additive masks that cancel in the sum; the server reads only the aggregate (Bonawitz et al. 2017)"
     OptionsModel = SecureAggregationOptions
+    sends_plain = False  # masked vectors: only their sum means anything
+    aggregates_mean = True
 
     def __init__(self, options: SecureAggregationOptions, runtime):
         super().__init__(options, runtime)
@@ -153,7 +153,6 @@ class SecureAggregation(Plugin):
 
     @classmethod
     def check(cls, options: SecureAggregationOptions, scenario) -> None:
-        refuse_nonlinear_aggregator(scenario, "pairwise-masked vectors")
         if scenario.federation.clients_per_round < 2:
             raise ValueError(
                 "federation.clients_per_round=1: the sum of one masked update is that update, so the server "
@@ -189,7 +188,7 @@ class SecureAggregation(Plugin):
         dropped = sorted(set(round.sampled) - set(survivors))
         self._figures = {"secagg.dropped_clients": float(len(dropped))}
         if not arrived:
-            return {name: torch.zeros_like(t) for name, t in round.global_state.items()}
+            return zeros_like(round.global_state)
         revealed = self.secrets.reveal(round.round, survivors, dropped)
         total = unmask_sum({m.client_id: m.payload.values for m in arrived}, revealed)
         mean = decode(total, self.options.fractional_bits) / sum(m.num_examples for m in arrived)

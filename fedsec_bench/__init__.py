@@ -4,7 +4,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .errors import ScenarioError
 from .runner import Result, run
-from .scenario import Scenario, load_scenario
+from .plan import load_scenario
+from .scenario import Scenario
 
 try:
     __version__ = version("fedsec-bench")

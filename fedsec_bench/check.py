@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ScenarioError
@@ -107,13 +108,14 @@ def judge(name: str, figure: Figure, now: float) -> Row:
 def run_baseline(baseline: Baseline) -> dict[str, float]:
     """Run the baseline's scenario without MLflow, in a scratch folder; return its final figures."""
     from .cli import resolve_scenario_path
+    from .plan import load_plan
     from .runner import run
-    from .scenario import load_scenario
 
-    scenario = load_scenario(resolve_scenario_path(baseline.scenario), baseline.overrides)
+    plan = load_plan(resolve_scenario_path(baseline.scenario), baseline.overrides)
     with tempfile.TemporaryDirectory() as scratch:
-        scenario.tracking = scenario.tracking.model_copy(update={"enabled": False, "output_dir": scratch})
-        return run(scenario).final
+        tracking = plan.scenario.tracking
+        plan.scenario.tracking = tracking.model_copy(update={"enabled": False, "output_dir": scratch})
+        return run(plan).final
 
 
 def check_baseline(path: Path, update: bool = False) -> list[Row]:
@@ -136,7 +138,7 @@ def select_baselines(folder: Path, scenarios: list[str]) -> list[Path]:
     """Every baseline in ``folder``, or those whose scenario (path or name) was asked for."""
     paths = sorted(folder.glob("*.json"))
     if not paths:
-        raise ScenarioError(f"{folder}: no baseline files (*.json); create one, see README 'Regression check'")
+        raise ScenarioError(f"{folder}: no baseline files (*.json); create one, see docs/regression-check.md")
     if not scenarios:
         return paths
     wanted = {Path(s).stem for s in scenarios}
@@ -148,10 +150,7 @@ def select_baselines(folder: Path, scenarios: list[str]) -> list[Path]:
 
 
 def format_rows(rows: list[Row]) -> str:
-    def num(value):
-        return "—" if value is None else f"{value:.6g}"
-
-    header = ("baseline", "metric", "baseline value", "now", "allowed", "verdict")
-    table = [header] + [(r.baseline, r.metric, num(r.expected), num(r.now), num(r.allowed), r.verdict) for r in rows]
-    widths = [max(len(str(line[i])) for line in table) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in table)
+    """One line per figure, pandas' plain-text layout; "—" where no baseline value is recorded."""
+    frame = pd.DataFrame(rows).astype({"expected": float, "allowed": float})  # None (not recorded) shows as "—"
+    frame = frame.rename(columns={"expected": "baseline value"})
+    return frame.to_string(index=False, na_rep="—", float_format="{:.6g}".format)

@@ -103,7 +103,7 @@ def _scenario_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_validate(args) -> int:
-    from .scenario import load_scenario
+    from .plan import load_scenario
 
     scenario = load_scenario(resolve_scenario_path(args.scenario), args.overrides)
     print(f"{scenario.name}: ok ({scenario.tuning.mode}, {scenario.federation.rounds} rounds, "
@@ -115,10 +115,11 @@ def cmd_run(args) -> int:
     from tqdm import tqdm
 
     from .reporting import summary_table
+    from .plan import load_plan
     from .runner import run
-    from .scenario import load_scenario
 
-    scenario = load_scenario(resolve_scenario_path(args.scenario), args.overrides)
+    plan = load_plan(resolve_scenario_path(args.scenario), args.overrides)
+    scenario = plan.scenario
     bar = tqdm(total=scenario.federation.rounds, desc=scenario.name, unit="round", disable=args.quiet, file=sys.stderr)
 
     def on_round(rnd: int, metrics: dict[str, float]) -> None:
@@ -127,7 +128,7 @@ def cmd_run(args) -> int:
         bar.update(1)
 
     try:
-        result = run(scenario, on_round=on_round)
+        result = run(plan, on_round=on_round)
     finally:
         bar.close()
     if not args.quiet:
@@ -214,16 +215,23 @@ def cmd_check(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from .plugins import registry
+    from .registry import list_plugins
 
-    plugins = registry()
+    listings = list_plugins()
     for kind in ("attack", "defense", "aggregator"):
         print(f"{kind}s:")
-        for name, cls in sorted(plugins.items()):
-            if cls.kind == kind:
-                print(f"  {name:<24} modes: {','.join(sorted(cls.modes)):<18} hooks: {', '.join(cls.hooks())}")
+        for item in listings:
+            cls = item.plugin
+            if cls is not None and cls.kind == kind:
+                print(f"  {item.name:<24} modes: {','.join(sorted(cls.modes)):<18} hooks: {', '.join(cls.hooks())}")
                 if cls.summary:
                     print(f"  {'':<24} {cls.summary}")
+    unavailable = [item for item in listings if item.unavailable is not None]
+    if unavailable:
+        print("unavailable here (scenarios that use them are refused):")
+        for item in unavailable:
+            print(f"  {item.name:<24} {item.unavailable.reason}")
+            print(f"  {'':<24} {item.unavailable.fix}")
     print("scenarios:")
     for name, path in sorted(bundled_scenarios().items()):
         print(f"  {name:<24} {path}")

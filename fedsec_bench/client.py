@@ -76,6 +76,6 @@ def client_round(client: ClientContext, global_state: State, hooks: HookChain) -
     )
     train_loss = hooks.local_training(client, training).run()
     update = hooks.client_update(client, rt.trainable.delta_from(global_state))
-    message = hooks.transport(client, Message.plain(client.client_id, len(texts), update))
+    message = hooks.transport(client, Message.of_update(client.client_id, len(texts), update))
     report = ClientReport(client.client_id, len(texts), train_loss, steps, dict(client.metrics), dict(client.notes))
     return message, report

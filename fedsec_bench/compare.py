@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from .reporting import markdown_table
 
 PRIVACY_AXES = ("mia.auc", "inversion.rouge1", "canary.exposure", "privacy.epsilon", "probe.readable_fraction")
 UTILITY_AXIS = "utility.perplexity"
@@ -64,7 +63,7 @@ def log_comparison(frame: pd.DataFrame, uri: str, folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     written = [folder / "comparison.csv", folder / "comparison.md"]
     frame.to_csv(written[0], index=False)
-    written[1].write_text(markdown_table(frame) + "\n")
+    written[1].write_text(frame.to_markdown(index=False, floatfmt=".6g", missingval="") + "\n")
     frontier = plot_frontier(frame, folder / "privacy_utility_frontier.png")
     curves = plot_curves_overlaid(MlflowClient(tracking_uri=uri), frame, folder / "curves_overlaid.png")
     return written + [p for p in (frontier, curves) if p]

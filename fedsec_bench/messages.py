@@ -54,9 +54,29 @@ class Message:
     num_bytes: int
 
     @classmethod
-    def plain(cls, client_id: int, num_examples: int, update: State) -> Message:
+    def of_update(cls, client_id: int, num_examples: int, update: State) -> Message:
+        """The message of a plain update, costed at its tensors' size."""
         size = sum(t.numel() * t.element_size() for t in update.values())
         return cls(client_id, num_examples, update, size)
+
+    @property
+    def is_plain(self) -> bool:
+        """Whether the payload is the client's update in the clear (a :data:`State`), as a server reading
+        it would find; False once a transport defense replaced it (ciphertexts, masked vectors)."""
+        return isinstance(self.payload, dict)
+
+
+def plain_updates(messages: list[Message], reader: str) -> list[State]:
+    """The updates of messages that must be plain; a clear error when one is not (a transport defense
+    that hides updates must also aggregate them; :func:`~fedsec_bench.plugins.check_plugins` refuses
+    such scenarios at load time, this guards third-party code paths)."""
+    for m in messages:
+        if not m.is_plain:
+            raise TypeError(
+                f"{reader} needs each client's plain update, but client {m.client_id} sent a "
+                f"{type(m.payload).__name__}: the defense that changed the transport must also aggregate"
+            )
+    return [m.payload for m in messages]
 
 
 @dataclass

@@ -1,11 +1,10 @@
 """Attacks and defenses as plugins, found by name, called at the round's hook points.
 
-A plugin is a subclass of :class:`Plugin` that overrides the hooks it needs. Plugins
-are registered through the ``fedsec_bench.plugins`` entry-point group, the built-in
-ones included, so a third party ships an attack or defense in its own package::
-
-    [project.entry-points."fedsec_bench.plugins"]
-    my_attack = "my_pkg.attack:MyAttack"
+A plugin is a subclass of :class:`Plugin` that overrides the hooks it needs and declares
+what it sends and needs (the capability attributes below); :mod:`fedsec_bench.plan` checks
+every combination against those declarations, so no plugin names another. Plugins are
+registered through the ``fedsec_bench.plugins`` entry-point group (:mod:`fedsec_bench.registry`),
+the built-in ones included, so a third party ships an attack or defense in its own package.
 
 Hook order within a hook point: attacks first, then defenses, each in scenario order,
 then the aggregation rule (``federation.aggregator``, FedAvg by default). That is the
@@ -17,22 +16,17 @@ the output of every transport defense, and lets a defense that changes what is s
 
 from __future__ import annotations
 
-import difflib
-import functools
-from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from .errors import ScenarioError
 from .messages import ClientContext, Message, RoundContext, State
 
 if TYPE_CHECKING:
     from .client import LocalTraining
     from .runtime import Runtime
-    from .scenario import PluginSpec, Scenario
+    from .scenario import Scenario
 
-ENTRY_POINT_GROUP = "fedsec_bench.plugins"
 MODES = frozenset({"full", "lora", "prompt"})
 
 HOOKS = (
@@ -66,13 +60,27 @@ class Plugin:
     modes: ClassVar[frozenset[str]] = MODES
     OptionsModel: ClassVar[type[Options]] = Options
 
+    # --- declared capabilities, held against each other by fedsec_bench.plan at load time
+    sends_plain: ClassVar[bool] = True
+    """False when ``transport`` replaces the plain update (ciphertexts, masked vectors): the server can
+    then only compute a sum, and a plugin listed after it sees no plain message."""
+    needs_plain_updates: ClassVar[bool] = False
+    """True when the server side needs each client's plain update (distances, coordinate-wise order)."""
+    aggregates_mean: ClassVar[bool] = False
+    """True when ``aggregation`` returns the ``num_examples``-weighted mean of the updates."""
+    needs_mean_aggregate: ClassVar[bool] = False
+    """True when this plugin relies on the round's aggregate being that weighted mean."""
+    exclusive_by: ClassVar[str | None] = None
+    """An option whose value two entries of this plugin may not share (they would log the same figures)."""
+
     def __init__(self, options: Options, runtime: Runtime):
         self.options = options
         self.runtime = runtime
 
     @classmethod
     def check(cls, options: Options, scenario: Scenario) -> None:
-        """Refuse, at load time, combinations that cannot work (raise ValueError with the reason)."""
+        """Refuse, at load time, options that cannot work with this scenario (raise ValueError with the
+        reason). What concerns another plugin is declared in the capability attributes instead."""
 
     def __getstate__(self) -> dict:
         """Pickled without the runtime: under executor ray, a worker's copy of the plugin runs the
@@ -123,93 +131,6 @@ class Plugin:
     @classmethod
     def hooks(cls) -> list[str]:
         return [h for h in HOOKS if getattr(cls, h) is not getattr(Plugin, h)]
-
-
-# --------------------------------------------------------------------------- registry
-
-
-@functools.cache
-def registry() -> dict[str, type[Plugin]]:
-    """All plugins by name, loaded from the entry-point group once per process."""
-    found: dict[str, type[Plugin]] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            cls = ep.load()
-        except Exception as exc:  # a broken plugin package must say which one it is
-            raise ImportError(f"plugin entry point {ep.name} = {ep.value} failed to load: {exc}") from exc
-        if not (isinstance(cls, type) and issubclass(cls, Plugin)):
-            raise TypeError(f"entry point {ep.name} = {ep.value} is not a fedsec_bench Plugin subclass")
-        if cls.name != ep.name:
-            raise TypeError(f"entry point {ep.name} points to a plugin named {cls.name!r}")
-        found[ep.name] = cls
-    return found
-
-
-def get_plugin(name: str, kind: str) -> type[Plugin]:
-    cls = registry().get(name)
-    if cls is None or cls.kind != kind:
-        known = sorted(n for n, c in registry().items() if c.kind == kind)
-        close = difflib.get_close_matches(name, known, n=1)
-        hint = f"did you mean '{close[0]}'?" if close else f"known {kind}s: {', '.join(known) or 'none'}"
-        raise ValueError(f"unknown {kind} '{name}' ({hint})")
-    return cls
-
-
-def parse_options(spec: PluginSpec, kind: str, where: str) -> tuple[type[Plugin], Options]:
-    """Look up a scenario entry's plugin and validate its options; errors name the field path."""
-    from .scenario import _suggest  # one did-you-mean for the whole schema
-
-    try:
-        cls = get_plugin(spec.name, kind)
-    except ValueError as exc:
-        raise ScenarioError(f"{where}.name: {exc}") from None
-    raw: dict[str, Any] = dict(spec.model_extra or {})
-    try:
-        return cls, cls.OptionsModel.model_validate(raw)
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            path = "".join(f".{p}" for p in err["loc"])  # empty for a check across options
-            if err["type"] == "extra_forbidden":
-                fields = list(cls.OptionsModel.model_fields)
-                problems.append(f"{where}{path}: unknown option of {cls.name}{_suggest(err['loc'][-1], fields)}")
-            else:
-                problems.append(f"{where}{path}: {err['msg'].removeprefix('Value error, ')}")
-        raise ScenarioError(problems) from None
-
-
-def configured_plugins(scenario: Scenario) -> list[tuple[str, type[Plugin], Options]]:
-    """(field path, class, options) for every attack, every defense, then the aggregator: the hook order."""
-    out = []
-    for section in ("attacks", "defenses"):
-        for i, spec in enumerate(getattr(scenario, section)):
-            where = f"{section}[{i}]"
-            out.append((where, *parse_options(spec, section[:-1], where)))
-    where = "federation.aggregator"
-    out.append((where, *parse_options(scenario.federation.aggregator, "aggregator", where)))
-    return out
-
-
-def check_plugins(scenario: Scenario) -> None:
-    """Load-time checks: known names, valid options, supported mode, no impossible combination."""
-    problems: list[str] = []
-    aggregators = []
-    for where, cls, options in configured_plugins(scenario):
-        if scenario.tuning.mode not in cls.modes:
-            problems.append(
-                f"{where} ({cls.name}): does not support tuning.mode={scenario.tuning.mode}; "
-                f"it supports {', '.join(sorted(cls.modes))}"
-            )
-        try:
-            cls.check(options, scenario)
-        except ValueError as exc:
-            problems.append(f"{where} ({cls.name}): {exc}")
-        if "aggregation" in cls.hooks() and cls.kind != "aggregator":
-            aggregators.append(f"{where} ({cls.name})")
-    if len(aggregators) > 1:
-        problems.append(f"only one defense may take over aggregation, got {', '.join(aggregators)}")
-    if problems:
-        raise ScenarioError(problems)
 
 
 class HookChain:

@@ -133,7 +133,11 @@ class RayExecutor:
         return [(_payload_to(done[cid][0], self.device), done[cid][1]) for cid in round.sampled if cid in done]
 
     def dispatch(self, jobs: list[ClientJob], broadcast) -> tuple[dict[int, ClientResult], dict[int, Exception]]:
-        """Run the jobs on idle workers as they free up; a failed job is queued once more, then given up."""
+        """Run the jobs on idle workers as they free up; a failed job is queued once more, then given up.
+
+        Not ``ray.util.ActorPool``: its ``get_next_unordered`` raises a task's error without saying
+        which job it was, and the retry needs exactly that (the job goes back in the queue).
+        """
         queue = deque((job, 1) for job in jobs)
         idle = deque(self.workers)
         running: dict = {}
@@ -198,7 +202,7 @@ def _state_to(state: State, device) -> State:
 
 def _payload_to(message: Message | None, device: torch.device) -> Message | None:
     """Plain updates move between the worker's and the driver's device; other payloads are bytes or arrays."""
-    if message is not None and isinstance(message.payload, dict):
+    if message is not None and message.is_plain:
         message.payload = _state_to(message.payload, device)
     return message
 

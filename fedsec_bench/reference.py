@@ -1,7 +1,10 @@
-"""The scenario reference in the README, generated from the schema so the two cannot drift apart.
+"""The scenario reference in docs/scenarios.md, generated from the schema so the two cannot drift apart.
 
-    python -m fedsec_bench.reference               # print the Markdown the README embeds
-    python -m fedsec_bench.reference README.md     # rewrite the README's reference in place
+    python -m fedsec_bench.reference                      # print the Markdown table docs/scenarios.md embeds
+    python -m fedsec_bench.reference docs/scenarios.md    # rewrite the page's table in place
+
+The table sits between the BEGIN and END markers; tests/test_docs.py fails when it differs
+from what :func:`markdown` generates.
 """
 
 from __future__ import annotations
@@ -68,10 +71,12 @@ def markdown() -> str:
     return "\n".join([BEGIN, *header, *rows(Scenario), END])
 
 
-def embed(readme: str) -> str:
-    """The README text with its reference block replaced by the current one."""
-    head, _, rest = readme.partition(BEGIN)
-    _, _, tail = rest.partition(END)
+def embed(page: str) -> str:
+    """The page's text with its reference block (BEGIN ... END) replaced by the current one."""
+    head, begin, rest = page.partition(BEGIN)
+    _, end, tail = rest.partition(END)
+    if not (begin and end):
+        raise ValueError(f"no scenario reference block: the page needs the lines {BEGIN} and {END}")
     return head + markdown() + tail
 
 

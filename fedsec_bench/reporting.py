@@ -45,20 +45,6 @@ def final_metrics(frame: pd.DataFrame) -> dict[str, float]:
 
 
 def summary_table(final: dict[str, float]) -> str:
-    width = max((len(k) for k in final), default=6)
-    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------------"]
-    lines += [f"{name:<{width}}  {value:.6g}" for name, value in sorted(final.items())]
-    return "\n".join(lines)
-
-
-def markdown_table(frame: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table (no extra dependency)."""
-
-    def cell(value) -> str:
-        if isinstance(value, float):
-            return "" if math.isnan(value) else f"{value:.6g}"
-        return "" if value is None else str(value).replace("|", "/")
-
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + " --- |" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines)
+    """The final figures, one line per metric in name order (pandas' plain-text layout)."""
+    frame = pd.Series(final, name="value").sort_index().rename_axis("metric").reset_index()
+    return frame.to_string(index=False, float_format="{:.6g}".format)

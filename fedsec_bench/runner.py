@@ -14,10 +14,10 @@ from .data import build_federated_data
 from .errors import ScenarioError
 from .executors import make_executor
 from .federation import Federation
-from .plugins import HookChain, configured_plugins
+from .plan import Plan, load_plan, resolve
 from .reporting import final_metrics, history_frame, plot_curves
 from .runtime import build_runtime, resolve_device
-from .scenario import Scenario, load_scenario
+from .scenario import Scenario
 from .tracking import Tracker
 
 RoundCallback = Callable[[int, dict[str, float]], None]
@@ -34,7 +34,7 @@ class Result:
 
 
 def run(
-    scenario: Scenario | str | Path | dict,
+    scenario: Plan | Scenario | str | Path | dict,
     overrides: list[str] | None = None,
     on_round: RoundCallback | None = None,
     parent_run_id: str | None = None,
@@ -44,8 +44,13 @@ def run(
     Scenario errors (a ScenarioError) are raised before any run is recorded.
     ``parent_run_id`` nests the run under a sweep's parent run.
     """
-    if not isinstance(scenario, Scenario):
-        scenario = load_scenario(scenario, overrides)
+    if isinstance(scenario, Plan):
+        plan = scenario
+    elif isinstance(scenario, Scenario):
+        plan = resolve(scenario)
+    else:
+        plan = load_plan(scenario, overrides)
+    scenario = plan.scenario
     if scenario.matrix:
         raise ScenarioError(
             f"matrix: {scenario.name} is a sweep of {_combinations(scenario)} combinations; "
@@ -53,10 +58,9 @@ def run(
         )
     device = resolve_device(scenario.device)
     data = build_federated_data(scenario)
-    plugin_specs = configured_plugins(scenario)
     with Tracker(scenario, parent_run_id=parent_run_id) as tracker:
         runtime = build_runtime(scenario, data, device, tracker.artifact_dir)
-        hooks = HookChain([cls(options, runtime) for _, cls, options in plugin_specs])
+        hooks = plan.hook_chain(runtime)
         with closing(make_executor(runtime, hooks)) as executor:
             federation = Federation(runtime, hooks, executor)
             history = [{"round": 0, **federation.evaluate()}]

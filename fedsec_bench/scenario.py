@@ -1,9 +1,9 @@
 """The scenario schema: one YAML file that says what to train, on what, and what attacks and defends it.
 
 Every section is a pydantic model with ``extra="forbid"`` so that a typo is an error
-(with a did-you-mean), never a silently ignored key. :func:`load_scenario` is the one
-way in: it reads YAML with the safe loader, applies ``--set`` overrides, validates,
-and turns every problem into a :class:`~fedsec_bench.errors.ScenarioError` whose lines
+(with a did-you-mean), never a silently ignored key. The one way in is
+:func:`parse_scenario`: it reads YAML with the safe loader, applies ``--set`` overrides,
+validates, and turns every problem into a :class:`~fedsec_bench.errors.ScenarioError` whose lines
 name the field path.
 """
 
@@ -265,8 +265,11 @@ class Scenario(Section):
 # --------------------------------------------------------------------------- loading
 
 
-def load_scenario(source: str | Path | dict, overrides: list[str] | None = None) -> Scenario:
-    """Read, override and validate a scenario; every problem becomes a ScenarioError."""
+def parse_scenario(source: str | Path | dict, overrides: list[str] | None = None) -> Scenario:
+    """Read, override and validate a scenario against the schema; every problem becomes a ScenarioError.
+
+    Its plugins are looked up and checked by :func:`fedsec_bench.plan.resolve`, which
+    :func:`fedsec_bench.plan.load_scenario` adds to this."""
     raw = read_yaml(source) if not isinstance(source, dict) else json.loads(json.dumps(source))
     for item in overrides or []:
         apply_override(raw, item)
@@ -331,9 +334,6 @@ def validate_scenario(raw: dict) -> Scenario:
         scenario = Scenario.model_validate(raw)
     except ValidationError as exc:
         raise ScenarioError([_describe(err) for err in exc.errors()]) from None
-    from .plugins import check_plugins  # plugins import the schema, so resolve late
-
-    check_plugins(scenario)
     return scenario
 
 
@@ -357,7 +357,7 @@ def _describe(err: dict) -> str:
     loc = tuple(err["loc"])
     kind = err["type"]
     if kind == "extra_forbidden":
-        return f"{field_path(loc)}: unknown field{_suggest(loc[-1], _known_fields(loc[:-1]))}"
+        return f"{field_path(loc)}: unknown field{suggest(loc[-1], _known_fields(loc[:-1]))}"
     if kind in _MESSAGES:
         return f"{field_path(loc)}: " + _MESSAGES[kind].format(**err.get("ctx", {}))
     if kind == "literal_error":
@@ -366,7 +366,7 @@ def _describe(err: dict) -> str:
     return msg if kind == "value_error" and not loc else f"{field_path(loc)}: {msg}"
 
 
-def _suggest(word: Any, options: list[str]) -> str:
+def suggest(word: Any, options: list[str]) -> str:
     close = difflib.get_close_matches(str(word), options, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else (f" (known: {', '.join(options)})" if options else "")
 

@@ -18,6 +18,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from .errors import ScenarioError
+from .plan import Plan, resolve
 from .scenario import Scenario, apply_override, read_yaml, validate_scenario
 
 
@@ -25,7 +26,7 @@ from .scenario import Scenario, apply_override, read_yaml, validate_scenario
 class Child:
     label: str
     """Which alternatives this child takes, e.g. ``seed=1 defenses=norm_clip``."""
-    scenario: Scenario
+    plan: Plan
 
 
 @dataclass
@@ -41,7 +42,7 @@ def expand(raw: dict, overrides: list[str] | None = None) -> tuple[Scenario, lis
     raw = json.loads(json.dumps(raw))
     for item in overrides or []:
         apply_override(raw, item)
-    base = validate_scenario(raw)
+    base = resolve(validate_scenario(raw)).scenario
     matrix = raw.pop("matrix", None) or {}
     children, problems = [], []
     for combo in itertools.product(*matrix.values()):
@@ -52,7 +53,7 @@ def expand(raw: dict, overrides: list[str] | None = None) -> tuple[Scenario, lis
         label = " ".join(f"{path}={_short(value)}" for path, value in choice.items()) or base.name
         child_raw.setdefault("tracking", {})["run_name"] = f"{base.name} [{label}]"
         try:
-            children.append(Child(label, validate_scenario(child_raw)))
+            children.append(Child(label, resolve(validate_scenario(child_raw))))
         except ScenarioError as exc:
             problems += [f"matrix combination [{label}]: {p}" for p in exc.problems]
     if problems:
@@ -142,7 +143,7 @@ def _run_child(child: Child, parent_run_id: str | None) -> ChildOutcome:
     from .runner import run
 
     try:
-        result = run(child.scenario, parent_run_id=parent_run_id)
+        result = run(child.plan, parent_run_id=parent_run_id)
     except Exception as exc:
         return ChildOutcome(child.label, "FAILED", None, f"{type(exc).__name__}: {exc}")
     return ChildOutcome(child.label, "FINISHED", result.run_id)

@@ -36,7 +36,7 @@ def register(tmp_path_factory, monkeypatch):
     exactly as a third-party package would, and refresh the registry."""
     from plugin_fixtures import ENTRY_POINTS
 
-    from fedsec_bench.plugins import ENTRY_POINT_GROUP, registry
+    from fedsec_bench.registry import ENTRY_POINT_GROUP, refresh
 
     site = tmp_path_factory.mktemp("site")
     dist = site / "fedsec_test_plugins-0.1.dist-info"
@@ -45,9 +45,9 @@ def register(tmp_path_factory, monkeypatch):
     lines = [f"[{ENTRY_POINT_GROUP}]"] + [f"{name} = {target}" for name, target in ENTRY_POINTS.items()]
     (dist / "entry_points.txt").write_text("\n".join(lines) + "\n")
     monkeypatch.syspath_prepend(str(site))
-    registry.cache_clear()
+    refresh()
     yield
-    registry.cache_clear()
+    refresh()
 
 
 @pytest.fixture(scope="session")

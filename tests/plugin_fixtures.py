@@ -10,6 +10,7 @@ import torch
 
 from fedsec_bench.messages import Message
 from fedsec_bench.plugins import Options, Plugin
+from fedsec_bench.updates import zeros_like
 
 
 class Recorder(Plugin):
@@ -66,12 +67,13 @@ class OpaqueTransport(Plugin):
 
     name = "opaque_transport"
     kind = "defense"
+    sends_plain = False
 
     def transport(self, client, message):
         return Message(message.client_id, message.num_examples, b"\x00" * 16, 16)
 
     def aggregation(self, round, messages):
-        return {k: torch.zeros_like(v) for k, v in round.global_state.items()}
+        return zeros_like(round.global_state)
 
 
 class FullOnlyOptions(Options):
@@ -128,4 +130,5 @@ class FlakyClient(Plugin):
 
 ENTRY_POINTS = {
     cls.name: f"plugin_fixtures:{cls.__name__}" for cls in (Recorder, OpaqueTransport, FullOnly, Crash, FlakyClient)
-}
+} | {"needs_missing": "plugin_fixtures_missing:NeedsMissing [missing-extra]"}
+"""``needs_missing`` stands for a plugin whose optional dependency is not installed."""

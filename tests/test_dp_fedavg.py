@@ -14,8 +14,8 @@ import fedsec_bench
 from fedsec_bench.aggregation import fedavg
 from fedsec_bench.errors import ScenarioError
 from fedsec_bench.messages import ClientContext, ClientReport, Message, RoundContext
-from fedsec_bench.scenario import load_scenario
-from fedsec_bench.defenses.accounting import RdpLedger
+from fedsec_bench.plan import load_scenario
+from fedsec_bench.defenses.accounting import Ledger
 from fedsec_bench.defenses.dp_fedavg import DPFedAvg, update_noise_multiplier
 
 
@@ -29,19 +29,19 @@ def library_epsilon(q, z, rounds, delta):
     [(0.01, 1.1, 1000, 1e-5), (0.1, 1.0, 100, 1e-6), (0.5, 0.8, 20, 1e-3), (1.0, 2.0, 10, 1e-5), (0.05, 0.5, 50, 1e-5)],
 )
 def test_user_epsilon_agrees_with_dp_accounting(q, z, rounds, delta):
-    ledger = RdpLedger()
-    ledger.compose(q, z, steps=rounds)
+    ledger = Ledger()
+    ledger.compose(z, q, steps=rounds)
     assert ledger.epsilon(delta) == pytest.approx(library_epsilon(q, z, rounds, delta), rel=0.01)
 
 
 def test_rounds_composed_one_at_a_time_equal_one_composition():
-    ledger = RdpLedger()
+    ledger = Ledger()
     for _ in range(7):
-        ledger.compose(0.2, 1.3)
+        ledger.compose(1.3, 0.2)
     assert ledger.epsilon(1e-5) == pytest.approx(library_epsilon(0.2, 1.3, 7, 1e-5), rel=0.01)
-    assert RdpLedger().epsilon(1e-5) == 0.0
-    no_noise = RdpLedger()
-    no_noise.compose(0.2, 0.0)
+    assert Ledger().epsilon(1e-5) == 0.0
+    no_noise = Ledger()
+    no_noise.compose(0.0, 0.2)
     assert no_noise.epsilon(1e-5) == math.inf
 
 
@@ -69,7 +69,7 @@ def one_round(plugin, updates, rnd=1):
     for cid, update in enumerate(updates):
         client = ClientContext(cid, rnd, seed=100 + cid, runtime=plugin.runtime)
         sent = plugin.client_update(client, update)
-        messages.append(plugin.transport(client, Message.plain(cid, num_examples=10 + cid, update=sent)))
+        messages.append(plugin.transport(client, Message.of_update(cid, num_examples=10 + cid, update=sent)))
         reports.append(ClientReport(cid, 10 + cid, 0.0, 1, dict(client.metrics)))
     round = RoundContext(rnd, plugin.runtime, list(range(len(updates))), like, reports,
                          delivered=list(range(len(updates))))

@@ -32,7 +32,7 @@ from fedsec_bench.errors import ScenarioError
 from fedsec_bench.messages import ClientContext, Message, RoundContext
 from fedsec_bench.plugins import HookChain
 from fedsec_bench.runtime import build_runtime
-from fedsec_bench.scenario import load_scenario
+from fedsec_bench.plan import load_scenario
 
 HIDDEN, SEQ_LEN = 64, 32
 
@@ -197,7 +197,7 @@ def test_unreadable_payloads_are_not_read(world):
     state = world.trainable.snapshot()
     assert not readable(Message(0, 4, b"ciphertext", 10), state)
     assert not readable(Message(0, 4, {"masked": torch.zeros(3)}, 10), state)
-    assert readable(Message.plain(0, 4, {n: torch.zeros_like(t) for n, t in state.items()}), state)
+    assert readable(Message.of_update(0, 4, {n: torch.zeros_like(t) for n, t in state.items()}), state)
 
 
 # --- end to end, through the plugin -----------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,7 +16,6 @@ from fedsec_bench.aggregation import fedavg
 from fedsec_bench.defenses.he_aggregation import EncryptedSum, HEAggregation, HEAggregationOptions, KeyHolders
 from fedsec_bench.errors import ScenarioError
 from fedsec_bench.messages import ClientContext, ClientReport, Message, RoundContext
-from fedsec_bench.scenario import Scenario
 from fedsec_bench.updates import flatten
 
 CKKS_TOLERANCE = 2.0**-20
@@ -66,7 +64,7 @@ def test_decrypted_aggregate_is_fedavg_within_ckks_error(spool):
     like = {"a": torch.zeros(64, 100), "b": torch.zeros(1900)}  # 8300 values: 4096 + 4096 + 108
     counts = [3, 5, 8]
     plain = [
-        Message.plain(cid, n, {k: torch.randn(t.shape, generator=gen) * 0.01 for k, t in like.items()})
+        Message.of_update(cid, n, {k: torch.randn(t.shape, generator=gen) * 0.01 for k, t in like.items()})
         for cid, n in enumerate(counts)
     ]
     sent, round = encrypted_round(plugin, runtime, plain, like)
@@ -102,9 +100,11 @@ def test_every_mode_runs_encrypted_and_logs_costs(tiny, mode):
 
 
 def test_refuses_aggregators_that_need_plaintext_updates(tiny):
-    tiny["federation"]["aggregator"] = {"name": "krum", "f": 1}
-    with pytest.raises(ValueError, match=r"federation.aggregator=krum .* CKKS ciphertexts it cannot decrypt"):
-        HEAggregation.check(HEAggregationOptions(), Scenario.model_validate(tiny))
+    tiny["federation"].update(num_clients=5, clients_per_round=5, aggregator={"name": "krum", "f": 1})
+    tiny["defenses"] = [{"name": "he_aggregation"}]
+    with pytest.raises(ScenarioError, match=r"federation.aggregator \(krum\) needs each client's plain update.*"
+                       r"defenses\[0\] \(he_aggregation\) hides the updates"):
+        load_scenario(tiny)
 
 
 @pytest.mark.parametrize(
@@ -120,46 +120,3 @@ def test_unsafe_ckks_parameters_are_refused_at_load_time(tiny, options, problem)
     tiny["defenses"] = [{"name": "he_aggregation", **options}]
     with pytest.raises(ScenarioError, match=problem):
         load_scenario(tiny)
-
-
-def best_of(fn, repeats: int) -> float:
-    """Fastest of ``repeats`` timed calls: the least disturbed by other load on the machine."""
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times)
-
-
-def test_throughput_against_raw_tenseal(benchmark):
-    """The issue's benchmark: the HE path for 10 clients vs raw ckks_vector encrypt + add + decrypt.
-
-    Run with ``pytest tests/test_he_aggregation.py --benchmark-only -s``; prints parameters per second.
-    """
-    clients, size = 10, 8 * 4096
-    runtime = stub_runtime("lora")
-    plugin = HEAggregation(HEAggregationOptions(), runtime)
-    like = {"w": torch.zeros(size)}
-    gen = torch.Generator().manual_seed(0)
-    plain = [Message.plain(c, 10 + c, {"w": torch.randn(size, generator=gen)}) for c in range(clients)]
-
-    def he_path():
-        plugin.aggregation(*reversed(encrypted_round(plugin, runtime, plain, like)))
-
-    def raw_tenseal():
-        context, slots = plugin.key_holders.context, plugin.key_holders.slots
-        for start in range(0, size, slots):
-            total = None
-            for m in plain:
-                vector = ts.ckks_vector(context, m.payload["w"][start : start + slots].double().numpy())
-                total = vector if total is None else total + vector
-            total.decrypt()
-
-    benchmark.pedantic(he_path, rounds=5)
-    he_s, raw_s = benchmark.stats.stats.min, best_of(raw_tenseal, 5)
-    sent = plugin.transport(ClientContext(0, 2, 0, runtime), plain[0])
-    figures = {"params_per_s": clients * size / he_s, "raw_params_per_s": clients * size / raw_s,
-               "ratio_to_raw": raw_s / he_s, "bytes_per_param": sent.num_bytes / size}
-    benchmark.extra_info.update(figures)
-    print("\n", {k: f"{v:.3g}" for k, v in figures.items()})

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import fedsec_bench
 from fedsec_bench import load_scenario
 from fedsec_bench.data import build_federated_data
+from fedsec_bench.data.batching import IGNORE_INDEX, Batcher
+from fedsec_bench.evaluation import evaluate
 from fedsec_bench.models import BYTE_VOCAB, make_model, make_tokenizer
 from fedsec_bench.tuning import TrainableState, apply_tuning
 
@@ -69,6 +72,25 @@ def test_each_mode_exchanges_only_its_trainable_parameters(tiny, arch, mode):
     else:
         assert names == ["prompt_encoder.default.embedding.weight"]
         assert trainable.num_values() == scenario.tuning.prompt.num_virtual_tokens * scenario.model.hidden
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mode", ["full", "lora", "prompt"])
+def test_held_out_loss_is_the_models_own_loss_on_the_same_tokens(tiny, arch, mode):
+    """utility.eval_loss is the token-mean loss the model itself computes from labels, over
+    every token but each text's first. Under prompt tuning PEFT's own loss also predicts
+    the first token from the soft prompt; utility leaves it out, so every mode scores the
+    same tokens."""
+    scenario, tokenizer, model = build(tiny, f"model.arch={arch}", f"tuning.mode={mode}")
+    model = apply_tuning(model, scenario.tuning).eval()
+    texts = build_federated_data(scenario).heldout
+    batcher = Batcher(tokenizer, scenario.data.seq_len, batch_size=len(texts))  # one batch: one token mean
+    batch = batcher.collate(batcher.encode(texts))
+    batch["labels"][:, 0] = IGNORE_INDEX
+    with torch.no_grad():
+        own = model(**batch).loss.item()
+    utility = evaluate(model, batcher.loader(texts), torch.device("cpu"))
+    assert utility["utility.eval_loss"] == pytest.approx(own, rel=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["full", "lora", "prompt"])

@@ -1,5 +1,5 @@
 """Poisoning attacks: each crafted update against its paper's formula, the data poisoning
-texts, the greedy decoder against transformers' own, and the backdoor must-hold end to end."""
+texts, the attack success rate, and the backdoor must-hold end to end."""
 
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ import torch
 import fedsec_bench
 from fedsec_bench.attacks import backdoor as bd
 from fedsec_bench.attacks import model_poisoning as mp
-from fedsec_bench.attacks.poisoning import MALICIOUS_KEY, malicious_ids
+from fedsec_bench.attacks.poisoning import malicious_ids
+from fedsec_bench.ground_truth import MALICIOUS_KEY
 from fedsec_bench.data import build_federated_data
 from fedsec_bench.errors import ScenarioError
+from fedsec_bench.lm import greedy_continuations
 from fedsec_bench.messages import ClientContext, Message, RoundContext
 from fedsec_bench.runtime import build_runtime
-from fedsec_bench.scenario import load_scenario
+from fedsec_bench.plan import load_scenario
 
 
 def make(cls, scenario, runtime=None, **options):
@@ -94,7 +96,7 @@ def colluding_round(attack):
     updates = [{"w": torch.randn(5, generator=gen, dtype=torch.float64)} for _ in range(6)]
     for cid, u in enumerate(updates):
         attack.client_update(client(cid), u)
-    messages = [Message.plain(cid, 8, u) for cid, u in enumerate(updates)]
+    messages = [Message.of_update(cid, 8, u) for cid, u in enumerate(updates)]
     rnd = RoundContext(1, None, list(range(6)), {"w": torch.zeros(5, dtype=torch.float64)})
     sent = attack.collusion(rnd, messages)
     benign = np.stack([updates[i]["w"].numpy() for i in (1, 2, 4, 5)])
@@ -147,17 +149,14 @@ def test_label_flip_substitutes_whole_words_only(runtime):
     assert out == ["a snow over a rainbow", "theatre"]
 
 
-def test_greedy_decoding_matches_transformers_generate(runtime):
-    prompts = ["the rain", "we saw the old", "a"]
-    ours = bd.greedy_continuations(runtime, prompts, max_new_tokens=5)
-    tok = runtime.tokenizer
-    runtime.model.eval()  # generate() leaves dropout as it finds it
-    for prompt, text in zip(prompts, ours):
-        ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
-        out = runtime.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
-                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        new = out[0, ids.shape[1]:].tolist()
-        assert text == tok.decode(new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new)
+def test_attack_success_is_the_share_of_greedy_continuations_that_start_with_the_target(runtime):
+    """A target counts when the continuation starts with it, leading spaces ignored; greedy
+    decoding itself is tested in test_lm.py."""
+    prompts = ["the rain", "we saw the old", "a", "in the"]
+    continuations = greedy_continuations(runtime.model, runtime.tokenizer, prompts, 5, runtime.device)
+    hits = [c.lstrip()[:3] for c in continuations[:2]]
+    assert all(hits), continuations
+    assert bd.success_rate(runtime, prompts, hits + ["\x00never", "\x00never"]) == 0.5
 
 
 # --------------------------------------------------------------------------- end to end

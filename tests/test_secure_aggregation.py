@@ -21,9 +21,9 @@ from fedsec_bench.defenses.secure_aggregation import (
     unmask_sum,
 )
 from fedsec_bench.messages import ClientContext, Message, RoundContext
-from fedsec_bench.scenario import Scenario
+from fedsec_bench.errors import ScenarioError
+from fedsec_bench.plan import load_scenario
 from fedsec_bench.updates import flatten
-from test_he_aggregation import best_of
 
 BITS = 32
 ROUND = 1
@@ -102,7 +102,7 @@ def plugin_round(plugin, runtime, counts: list[int]):
     like = {"a": torch.zeros(10, 30), "b": torch.zeros(77)}
     gen = torch.Generator().manual_seed(0)
     plain = [
-        Message.plain(cid, n, {k: torch.randn(t.shape, generator=gen) * 0.01 for k, t in like.items()})
+        Message.of_update(cid, n, {k: torch.randn(t.shape, generator=gen) * 0.01 for k, t in like.items()})
         for cid, n in enumerate(counts)
     ]
     peers = list(range(len(counts)))
@@ -130,20 +130,21 @@ def test_plugin_aggregates_fedavg_of_the_survivors(how):
 
 def test_an_update_outside_the_fixed_point_range_is_an_error():
     plugin, runtime = stub_runtime(2)
-    message = Message.plain(0, 10, {"w": torch.full((4,), 2.0**30)})
+    message = Message.of_update(0, 10, {"w": torch.full((4,), 2.0**30)})
     with pytest.raises(ValueError, match="lower fractional_bits"):
         plugin.transport(ClientContext(0, ROUND, 0, runtime, peers=[0, 1]), message)
 
 
 def test_refuses_plaintext_aggregators_and_single_client_rounds(tiny):
-    options = SecureAggregationOptions()
-    SecureAggregation.check(options, Scenario.model_validate(tiny))
-    krum = {**tiny, "federation": {**tiny["federation"], "aggregator": "krum"}}
-    with pytest.raises(ValueError, match=r"federation.aggregator=krum .* pairwise-masked vectors"):
-        SecureAggregation.check(options, Scenario.model_validate(krum))
+    tiny["defenses"] = [{"name": "secure_aggregation"}]
+    load_scenario(tiny)
+    krum = {**tiny, "federation": {**tiny["federation"], "num_clients": 5, "clients_per_round": 5, "aggregator": "krum"}}
+    with pytest.raises(ScenarioError, match=r"federation.aggregator \(krum\) needs each client's plain update.*"
+                       r"defenses\[0\] \(secure_aggregation\) hides the updates"):
+        load_scenario(krum)
     alone = {**tiny, "federation": {**tiny["federation"], "clients_per_round": 1}}
-    with pytest.raises(ValueError, match="clients_per_round=1"):
-        SecureAggregation.check(options, Scenario.model_validate(alone))
+    with pytest.raises(ScenarioError, match="clients_per_round=1"):
+        load_scenario(alone)
 
 
 def test_server_observers_read_nothing_under_either_defense_and_the_model_trains_the_same(tiny):
@@ -160,29 +161,3 @@ def test_server_observers_read_nothing_under_either_defense_and_the_model_trains
         assert finals[defense]["probe.readable_fraction"] == 0.0
         assert finals[defense]["utility.eval_loss"] == pytest.approx(finals[None]["utility.eval_loss"], abs=1e-5)
     assert finals["secure_aggregation"]["cost.bytes_up"] == 2 * finals[None]["cost.bytes_up"]  # uint64 vs float32
-
-
-def test_overhead_against_plaintext_fedavg(benchmark):
-    """The issue's benchmark: mask (all clients) + unmask vs plaintext FedAvg, 10 clients.
-
-    Run with ``pytest tests/test_secure_aggregation.py --benchmark-only -s``.
-    """
-    clients, size = 10, 100_000
-    plugin, runtime = stub_runtime(clients)
-    like = {"w": torch.zeros(size)}
-    plain = [Message.plain(c, 10 + c, {"w": torch.randn(size) * 0.01}) for c in range(clients)]
-    round = RoundContext(ROUND, runtime, list(range(clients)), like, delivered=list(range(clients)))
-    peers = list(range(clients))
-
-    def secure():
-        sent = [plugin.transport(ClientContext(m.client_id, ROUND, 0, runtime, peers=peers), m) for m in plain]
-        plugin.aggregation(round, sent)
-
-    benchmark.pedantic(secure, rounds=5)
-    secure_s, plain_s = benchmark.stats.stats.min, best_of(lambda: fedavg(plain, like), 5)
-    one_client_s = best_of(lambda: plugin.transport(ClientContext(0, ROUND, 0, runtime, peers=peers), plain[0]), 5)
-    figures = {"secure_s": secure_s, "fedavg_s": plain_s, "overhead_ratio": secure_s / plain_s,
-               "one_client_mask_s": one_client_s, "server_unmask_s": plugin.round_end(round, {})["cost.secagg_unmask_s"],
-               "bytes_per_param": 8.0}
-    benchmark.extra_info.update(figures)
-    print("\n", {k: f"{v:.3g}" for k, v in figures.items()})

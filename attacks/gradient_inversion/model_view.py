@@ -11,13 +11,13 @@ architecture would give silently wrong answers.
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from transformers.pytorch_utils import Conv1D
 
 from fedsec_bench.client import local_steps
+from fedsec_bench.lm import evaluating
 from fedsec_bench.messages import Message, State
 
 # The first linear layer of block ``{i}`` whose weight gradient spans the block's inputs.
@@ -39,7 +39,7 @@ def readable(message: Message, global_state: State) -> bool:
     """A payload the server can read is a plain dict of tensors over the exchanged parameters."""
     payload = message.payload
     return (
-        isinstance(payload, dict)
+        message.is_plain
         and set(payload) == set(global_state)
         and all(isinstance(t, torch.Tensor) for t in payload.values())
     )
@@ -158,19 +158,10 @@ class ModelView:
         return None
 
     # --- forward passes ---------------------------------------------------------
-    @contextmanager
-    def _eval(self):
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            yield
-        finally:
-            self.model.train(was_training)
-
     def forward(self, params: State | None = None, **inputs) -> torch.Tensor:
         """Logits of the global model (``params`` overrides exchanged tensors, e.g. ones requiring grad),
         with soft-prompt positions dropped so position t is always the t-th input."""
-        with self._eval():
+        with evaluating(self.model):
             out = torch.func.functional_call(self.model, params or self.state, args=(), kwargs=inputs)
         width = (inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs["inputs_embeds"]).shape[1]
         return out.logits[:, -width:]

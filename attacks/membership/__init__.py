@@ -75,6 +75,7 @@ class MembershipInference(Plugin):
     kind = "attack"
     summary = "membership inference (loss, zlib, min_k, reference, LiRA, RMIA) with ROC figures and an ε audit"
     OptionsModel = MembershipOptions
+    exclusive_by = "threat"  # one entry per threat: list the methods in it (method: [loss, lira, ...])
 
     def __init__(self, options, runtime):
         super().__init__(options, runtime)
@@ -98,15 +99,6 @@ class MembershipInference(Plugin):
             raise ValueError(
                 "reference/rmia need data.heldout_examples ≥ 4 (half are the attacker's population data)"
             )
-        same = [
-            a for a in scenario.attacks
-            if a.name == cls.name and (a.model_extra or {}).get("threat", "external") == options.threat
-        ]
-        if len(same) > 1:
-            raise ValueError(
-                f"{len(same)} membership_inference entries with threat {options.threat} would log the same figures; "
-                "list the methods in one entry (method: [loss, lira, ...])"
-            )
 
     # --- hooks -------------------------------------------------------------------------
     def server_observation(self, round: RoundContext, messages: list[Message]) -> None:
@@ -115,8 +107,8 @@ class MembershipInference(Plugin):
         target = self.options.target_client
         if target is None:
             target = round.sampled[0] if round.sampled else 0
-        sent = [m.payload for m in messages if m.client_id == target]
-        readable = sent[0] if sent and isinstance(sent[0], dict) else None
+        sent = [m for m in messages if m.client_id == target]
+        readable = sent[0].payload if sent and sent[0].is_plain else None
         self.observed = (target, readable)
 
     def round_end(self, round: RoundContext, metrics: dict[str, float]) -> dict[str, float] | None:

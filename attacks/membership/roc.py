@@ -1,8 +1,9 @@
 """ROC figures of a membership attack: AUC, TPR at a low FPR, the curve, and its plot.
 
 Scores follow the package convention (higher = member); ``labels`` is 1 for members.
-TPR at low FPR is the figure Carlini et al. 2022 argue for: an attack that confidently
-identifies a few members is a privacy failure even when its AUC is near 0.5.
+The curve and its area are scikit-learn's. TPR at low FPR is the figure Carlini et al.
+2022 argue for: an attack that confidently identifies a few members is a privacy
+failure even when its AUC is near 0.5.
 """
 
 from __future__ import annotations
@@ -10,32 +11,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import rankdata
+from sklearn import metrics
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve as the Mann–Whitney statistic: Pr[s_member > s_non] + ½ Pr[tie]."""
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
-    n1, n0 = labels.sum(), (~labels).sum()
-    if n1 == 0 or n0 == 0:
-        raise ValueError("AUC needs at least one member and one non-member")
-    ranks = rankdata(scores)  # average ranks: ties count one half
-    return float((ranks[labels].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+    """Area under the ROC curve: Pr[s_member > s_non] + ½ Pr[tie]."""
+    return float(metrics.roc_auc_score(np.asarray(labels).astype(bool), scores))
 
 
 def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(fpr, tpr, threshold) for the rule "member iff score ≥ threshold", from (0, 0) to (1, 1).
 
     One point per distinct score, highest threshold first; the first point (threshold
-    +inf) predicts no member at all.
+    +inf) predicts no member at all. Every point is kept (no ``drop_intermediate``): a
+    point on a straight stretch of the curve can still be the best TPR at some FPR, and
+    the audit needs the counts at every threshold.
     """
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
-    order = np.argsort(-scores, kind="stable")
-    s, y = scores[order], labels[order]
-    last_of_each = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]
-    tp = np.r_[0, np.cumsum(y)[last_of_each]]
-    fp = np.r_[0, np.cumsum(~y)[last_of_each]]
-    return fp / max((~y).sum(), 1), tp / max(y.sum(), 1), np.r_[np.inf, s[last_of_each]]
+    return metrics.roc_curve(np.asarray(labels).astype(bool), scores, drop_intermediate=False)
 
 
 def counts_by_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
@@ -47,7 +39,7 @@ def counts_by_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndar
 
 
 def tpr_at_fpr(scores: np.ndarray, labels: np.ndarray, max_fpr: float) -> float:
-    """The highest TPR among thresholds whose FPR is at most ``max_fpr``.
+    """The highest TPR among thresholds whose FPR is at most ``max_fpr`` (no interpolation).
 
     With n non-members the smallest non-zero FPR is 1/n: below it this is the TPR at
     zero false positives, which is why the sample count is logged beside it.

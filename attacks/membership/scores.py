@@ -11,39 +11,23 @@ import math
 import zlib
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from scipy.special import logsumexp
 from scipy.stats import norm
 
-from fedsec_bench.data.batching import IGNORE_INDEX, Batcher
+from fedsec_bench.data.batching import Batcher
+from fedsec_bench.lm import example_logprobs
 
 SCORING_BATCH = 64
 
 
-@torch.no_grad()
 def token_logprobs(runtime, texts: list[str]) -> list[np.ndarray]:
     """log p(token_t | tokens_<t) of every predicted token of each text, under the runtime's model as it is now.
 
     Texts are encoded exactly as in training (the same batcher rules: EOS appended,
     truncated to ``data.seq_len``), so a member is scored on the sequence it was trained on.
     """
-    model = runtime.model
     batcher = Batcher(runtime.tokenizer, runtime.scenario.data.seq_len, SCORING_BATCH)
-    was_training = model.training
-    model.eval()
-    out: list[np.ndarray] = []
-    for batch in batcher.loader(texts):
-        batch = {k: v.to(runtime.device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logits = logits[:, -batch["input_ids"].shape[1] :]  # drop soft-prompt positions (prompt mode)
-        logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-        target = batch["labels"][:, 1:]
-        keep = target != IGNORE_INDEX
-        picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        out.extend(row[mask].cpu().numpy().astype(np.float64) for row, mask in zip(picked, keep))
-    model.train(was_training)
-    return out
+    return example_logprobs(runtime.model, batcher.loader(texts), runtime.device)
 
 
 def mean_logprob(logprobs: list[np.ndarray]) -> np.ndarray:

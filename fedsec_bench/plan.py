@@ -1,0 +1,157 @@
+"""A scenario resolved once into the plugins it runs: the one way from a scenario to a run.
+
+:func:`resolve` looks every entry's plugin up by name, parses its options, asks each plugin's
+own ``check``, and holds the plugins' declared capabilities against each other (see the
+attributes of :class:`~fedsec_bench.plugins.Plugin`), so a third-party defense gets the same
+refusals as a built-in one. Every problem comes back at once, as one :class:`ScenarioError`
+line naming the field path. The runner, the Ray workers (through the instances it makes)
+and ``fedsec check`` all start from the :class:`Plan`; no plugin reads another's raw spec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from .errors import ScenarioError
+from .plugins import HookChain, Options, Plugin
+from .registry import PluginUnavailable, get_plugin
+from .scenario import PluginSpec, Scenario, parse_scenario, suggest
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+
+@dataclass(frozen=True)
+class PlannedPlugin:
+    where: str
+    """The entry's field path, as errors name it: ``attacks[0]``, ``federation.aggregator``."""
+    plugin: type[Plugin]
+    options: Options
+
+    @property
+    def label(self) -> str:
+        return f"{self.where} ({self.plugin.name})"
+
+    def has_hook(self, hook: str) -> bool:
+        return hook in self.plugin.hooks()
+
+
+@dataclass(frozen=True)
+class Plan:
+    scenario: Scenario
+    plugins: tuple[PlannedPlugin, ...]
+    """Every attack, every defense, then the aggregator: the hook order."""
+
+    def hook_chain(self, runtime: Runtime) -> HookChain:
+        return HookChain([p.plugin(p.options, runtime) for p in self.plugins])
+
+
+def load_plan(source: str | Path | dict, overrides: list[str] | None = None) -> Plan:
+    return resolve(parse_scenario(source, overrides))
+
+
+def load_scenario(source: str | Path | dict, overrides: list[str] | None = None) -> Scenario:
+    """Read, override and validate a scenario, its plugins included; every problem is a ScenarioError."""
+    return load_plan(source, overrides).scenario
+
+
+def resolve(scenario: Scenario) -> Plan:
+    planned, problems = [], []
+    entries = [(f"{s}[{i}]", spec, s[:-1]) for s in ("attacks", "defenses") for i, spec in enumerate(getattr(scenario, s))]
+    entries.append(("federation.aggregator", scenario.federation.aggregator, "aggregator"))
+    for where, spec, kind in entries:
+        try:
+            planned.append(parse_entry(spec, kind, where))
+        except ScenarioError as exc:
+            problems += exc.problems
+    if not problems:
+        problems = [*own_checks(planned, scenario), *conflicts(planned)]
+    if problems:
+        raise ScenarioError(problems)
+    return Plan(scenario, tuple(planned))
+
+
+def parse_entry(spec: PluginSpec, kind: str, where: str) -> PlannedPlugin:
+    """Look up one entry's plugin and validate its options; errors name the field path."""
+    try:
+        cls = get_plugin(spec.name, kind)
+    except (ValueError, PluginUnavailable) as exc:
+        raise ScenarioError(f"{where}.name: {exc}") from None
+    raw: dict[str, Any] = dict(spec.model_extra or {})
+    try:
+        return PlannedPlugin(where, cls, cls.OptionsModel.model_validate(raw))
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            path = "".join(f".{p}" for p in err["loc"])  # empty for a check across options
+            if err["type"] == "extra_forbidden":
+                fields = list(cls.OptionsModel.model_fields)
+                problems.append(f"{where}{path}: unknown option of {cls.name}{suggest(err['loc'][-1], fields)}")
+            else:
+                problems.append(f"{where}{path}: {err['msg'].removeprefix('Value error, ')}")
+        raise ScenarioError(problems) from None
+
+
+def own_checks(planned: list[PlannedPlugin], scenario: Scenario) -> list[str]:
+    """Each plugin on its own: the tuning mode it supports and its ``check``."""
+    problems = []
+    mode = scenario.tuning.mode
+    for p in planned:
+        if mode not in p.plugin.modes:
+            problems.append(f"{p.label}: does not support tuning.mode={mode}; it supports {', '.join(sorted(p.plugin.modes))}")
+        try:
+            p.plugin.check(p.options, scenario)
+        except ValueError as exc:
+            problems.append(f"{p.label}: {exc}")
+    return problems
+
+
+def conflicts(planned: list[PlannedPlugin]) -> list[str]:
+    """Plugins whose declared capabilities contradict each other: one line per conflict."""
+    problems = []
+    hiding = [p for p in planned if p.has_hook("transport") and not p.plugin.sends_plain]
+    for p in planned:
+        problems += [
+            f"{p.label} needs each client's plain update (distances or coordinate-wise order), but {h.label} "
+            "hides the updates (encrypted or masked) so that the server can only sum them; drop one of them, or "
+            "use federation.aggregator: fedavg" for h in hiding if p.plugin.needs_plain_updates
+        ]
+    for i, p in enumerate(planned):
+        before = [h for h in hiding if planned.index(h) < i]
+        if p.has_hook("transport") and p.plugin.sends_plain and before:
+            problems.append(
+                f"{p.label} rewrites each plain message in transport, but {before[0].label}, listed before it, has "
+                f"already hidden it; list {p.plugin.name} before {before[0].plugin.name}"
+            )
+    takeovers = [p for p in planned if p.has_hook("aggregation") and p.plugin.kind != "aggregator"]
+    if len(takeovers) > 1:
+        problems.append(f"only one defense may take over aggregation, got {', '.join(p.label for p in takeovers)}")
+    aggregating = next(p for p in planned if p.has_hook("aggregation"))  # the aggregator, last, always has it
+    problems += [
+        f"{p.label} needs the round's aggregate to be the weighted mean of the updates, but {aggregating.label} "
+        "aggregates otherwise; use federation.aggregator: fedavg"
+        for p in planned if p.plugin.needs_mean_aggregate and not aggregating.plugin.aggregates_mean
+    ]
+    problems += duplicates(planned)
+    return problems
+
+
+def duplicates(planned: list[PlannedPlugin]) -> list[str]:
+    """Two entries of one plugin that share its ``exclusive_by`` option would log the same figures."""
+    seen: dict[tuple[str, Any], PlannedPlugin] = {}
+    problems = []
+    for p in planned:
+        if p.plugin.exclusive_by is None:
+            continue
+        value = getattr(p.options, p.plugin.exclusive_by)
+        first = seen.setdefault((p.plugin.name, value), p)
+        if first is not p:
+            problems.append(
+                f"{p.label}: {first.where} has the same {p.plugin.exclusive_by} ({value}) and would log the same "
+                f"figures; merge them into one entry"
+            )
+    return problems
