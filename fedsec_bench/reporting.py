@@ -46,5 +46,5 @@ def final_metrics(frame: pd.DataFrame) -> dict[str, float]:
 
 def summary_table(final: dict[str, float]) -> str:
     """The final figures, one line per metric in name order (pandas' plain-text layout)."""
-    frame = pd.Series(final, name="value").sort_index().rename_axis("metric").reset_index()
-    return frame.to_string(index=False, float_format="{:.6g}".format)
+    frame = pd.Series(final, name="value").sort_index().rename_axis("metric").to_frame()
+    return frame.to_string(float_format="{:.6g}".format)  # the metric names as the index: left-aligned
