@@ -120,12 +120,14 @@ def conflicts(planned: list[PlannedPlugin]) -> list[str]:
             "hides the updates (encrypted or masked) so that the server can only sum them; drop one of them, or "
             "use federation.aggregator: fedavg" for h in hiding if p.plugin.needs_plain_updates
         ]
-    for i, p in enumerate(planned):
-        before = [h for h in hiding if planned.index(h) < i]
-        if p.has_hook("transport") and p.plugin.sends_plain and before:
+    hidden_by = None  # the first transport, in hook order, that hid the updates
+    for p in planned:
+        if p in hiding:
+            hidden_by = hidden_by or p
+        elif p.has_hook("transport") and hidden_by:
             problems.append(
-                f"{p.label} rewrites each plain message in transport, but {before[0].label}, listed before it, has "
-                f"already hidden it; list {p.plugin.name} before {before[0].plugin.name}"
+                f"{p.label} rewrites each plain message in transport, but {hidden_by.label}, listed before it, has "
+                f"already hidden it; list {p.plugin.name} before {hidden_by.plugin.name}"
             )
     takeovers = [p for p in planned if p.has_hook("aggregation") and p.plugin.kind != "aggregator"]
     if len(takeovers) > 1:
