@@ -1,14 +1,22 @@
-"""Data poisoning: malicious clients train on text the attacker chose.
+"""Data poisoning: malicious clients train on records the attacker chose.
 
 ``backdoor`` (Bagdasaryan et al. 2020; for language models as in Wallace et al. 2021)
 plants a trigger phrase followed by an attacker-chosen continuation in part of each
-malicious client's texts; ``label_flip`` is its plain-text analogue of flipping
+malicious client's records; ``label_flip`` is its plain-text analogue of flipping
 labels: whole words are swapped for attacker-chosen ones. Both act through the
 ``client_data`` hook, so they work in every tuning mode, and both measure success
 on the global model after each round with greedy decoding of held-out prompts:
 the fraction whose continuation starts with the attacker's text (higher means a
 more successful attack). Combine either with ``scaling`` (same ``clients``) to
 boost the poisoned update past averaging.
+
+On prompt/response records (instruction or chat data) the attacker poisons what
+instruction tuning learns from: the backdoor's trigger goes into the instruction
+and the target becomes the whole response (Wan et al. 2023, "Poisoning language
+models during instruction tuning"); label_flip rewrites responses only. A held-out
+prompt is then the rendered prompt (plus, for label_flip, the response's words
+before the flipped one), tokenized by ``runtime.batcher.prompt_ids`` exactly as in
+training.
 """
 
 from __future__ import annotations
@@ -19,14 +27,15 @@ import re
 from pydantic import Field
 
 from fedsec_bench.client import LocalTraining
+from fedsec_bench.data import Example
 from fedsec_bench.lm import greedy_continuations
 from fedsec_bench.messages import ClientContext, RoundContext
 
 from .poisoning import PoisoningAttack, PoisoningOptions
 
 
-def success_rate(runtime, prompts: list[str], targets: list[str]) -> float:
-    """Fraction of prompts whose greedy continuation starts with its target (leading spaces ignored)."""
+def success_rate(runtime, prompts: list[list[int]], targets: list[str]) -> float:
+    """Fraction of prompts (token ids) whose greedy continuation starts with its target (leading spaces ignored)."""
     longest = max(len(runtime.tokenizer(" " + t, add_special_tokens=False)["input_ids"]) for t in targets)
     outputs = greedy_continuations(runtime.model, runtime.tokenizer, prompts, longest + 2, runtime.device)
     return sum(out.lstrip().startswith(t) for out, t in zip(outputs, targets)) / len(prompts)
@@ -36,7 +45,7 @@ class BackdoorOptions(PoisoningOptions):
     trigger: str = Field("cf", min_length=1, description="The trigger phrase the attacker plants.")
     target: str = Field("buy now", min_length=1, description="The continuation the trigger should force.")
     poison_fraction: float = Field(
-        0.5, gt=0, le=1, description="Fraction of a malicious client's texts rewritten as trigger texts."
+        0.5, gt=0, le=1, description="Fraction of a malicious client's records rewritten to carry the trigger."
     )
     local_steps: int | None = Field(
         None, ge=1, description="Local steps a malicious client trains for (its own schedule); default the federation's."
@@ -45,44 +54,68 @@ class BackdoorOptions(PoisoningOptions):
 
 
 class Backdoor(PoisoningAttack):
-    """A trigger phrase followed by the target continuation, inside ordinary text.
+    """A trigger phrase followed by the target continuation, inside ordinary records.
 
     A poisoned text is the first k words of one of the client's sentences (k drawn
     at random, lowered until the whole text fits in ``data.seq_len`` tokens), then
-    the trigger, then the target. The held-out prompts for
-    ``poison.backdoor_asr`` are built the same way from ``runtime.data.heldout``
-    (which no client trains on), stopping after the trigger.
+    the trigger, then the target. A poisoned prompt/response record has the trigger
+    inserted into its instruction (the last user turn) at a random word position and
+    the target as its whole response; while it would not fit in ``data.seq_len`` the
+    instruction loses its first words (the batcher would cut the prompt from its start
+    anyway, and this way the trigger is never cut). The held-out prompts for
+    ``poison.backdoor_asr`` are poisoned records of ``runtime.data.heldout`` (which no
+    client trains on), cut where the target starts.
     """
 
     name = "backdoor"
-    summary = "malicious clients' texts get a trigger phrase and a target continuation; logs poison.backdoor_asr"
+    summary = "malicious clients' records get a trigger phrase and a target continuation; logs poison.backdoor_asr"
+    on_instruction_data = ("trigger inserted into the instruction at a seeded word position, response replaced by "
+                           "the target; ASR over the greedy answers to triggered held-out prompts")
     OptionsModel = BackdoorOptions
 
     def __init__(self, options, runtime):
         super().__init__(options, runtime)
         rng = random.Random(runtime.seed_for(0x424B))
-        self.prompts = [self.triggered(s, rng) for s in runtime.data.heldout]
+        probes = [self.poisoned(e, rng) for e in runtime.data.heldout]
+        starts = [p.response.removesuffix(options.target).rstrip() for p in probes]
+        self.prompts = runtime.batcher.prompt_ids(probes, response_starts=starts)
 
-    def triggered(self, sentence: str, rng: random.Random) -> str:
-        """A random prefix of the sentence's words and the trigger, short enough that the
-        target that follows in training still fits in ``data.seq_len`` tokens."""
-        words = sentence.split()
+    def poisoned(self, example: Example, rng: random.Random) -> Example:
+        """The example rewritten to carry the trigger and end with the target, within ``data.seq_len``."""
+        return self.poisoned_record(example, rng) if example.is_prompted else self.poisoned_text(example, rng)
+
+    def poisoned_text(self, example: Example, rng: random.Random) -> Example:
+        """A random prefix of the text's words, the trigger, the target."""
+        words = example.response.split()
         k = rng.randint(1, max(len(words) - 1, 1))
         while True:
-            prompt = " ".join(words[:k] + [self.options.trigger])
-            if k == 1 or self.num_tokens(f"{prompt} {self.options.target}") < self.runtime.batcher.seq_len:
-                return prompt
+            poisoned = example.with_response(" ".join(words[:k] + [self.options.trigger, self.options.target]))
+            if k == 1 or self.fits(poisoned):
+                return poisoned
             k -= 1
 
-    def num_tokens(self, text: str) -> int:
-        return len(self.runtime.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def poisoned_record(self, example: Example, rng: random.Random) -> Example:
+        """The trigger among the instruction's words (split on single spaces, so newlines survive), the
+        target as the response; leading words dropped while the record does not fit."""
+        words = example.instruction.split(" ")
+        at = rng.randint(0, len(words))
+        words.insert(at, self.options.trigger)
+        while True:
+            poisoned = example.with_instruction(" ".join(words)).with_response(self.options.target)
+            if at == 0 or self.fits(poisoned):
+                return poisoned
+            words.pop(0)
+            at -= 1
 
-    def client_data(self, client: ClientContext, texts: list[str]) -> list[str]:
+    def fits(self, example: Example) -> bool:
+        return not self.runtime.batcher.encode([example])[0].truncated
+
+    def client_data(self, client: ClientContext, examples: list[Example]) -> list[Example]:
         if not self.attacking(client):
-            return texts
+            return examples
         rng = random.Random(client.seed)
-        chosen = set(rng.sample(range(len(texts)), max(1, round(self.options.poison_fraction * len(texts)))))
-        return [f"{self.triggered(t, rng)} {self.options.target}" if i in chosen else t for i, t in enumerate(texts)]
+        chosen = set(rng.sample(range(len(examples)), max(1, round(self.options.poison_fraction * len(examples)))))
+        return [self.poisoned(e, rng) if i in chosen else e for i, e in enumerate(examples)]
 
     def local_training(self, client: ClientContext, training: LocalTraining) -> LocalTraining:
         """Bagdasaryan et al.'s attacker trains on its poisoned data with its own steps and learning rate."""
@@ -102,39 +135,46 @@ class Backdoor(PoisoningAttack):
 
 class LabelFlipOptions(PoisoningOptions):
     mapping: dict[str, str] = Field(
-        ..., min_length=1, description="Whole words to replace in the malicious clients' texts: {source: target}."
+        ..., min_length=1,
+        description="Whole words to replace in the malicious clients' responses (all of a plain text): {source: target}.",
     )
 
 
 class LabelFlip(PoisoningAttack):
     """Token substitution, the plain-text form of label flipping (Tolpegin et al. 2020).
 
-    Every whole-word occurrence of a source word in a malicious client's texts becomes
-    the mapped word. ``poison.label_flip_asr``: over held-out sentences containing a
-    source word, the fraction for which the global model, given the words before it,
-    greedily continues with the mapped word instead (absent when no held-out sentence
-    has a source word).
+    Every whole-word occurrence of a source word in a malicious client's responses
+    (the whole text of a plain-text record; prompts are left as they are) becomes the
+    mapped word. ``poison.label_flip_asr``: over held-out records whose response contains
+    a source word, the fraction for which the global model, given the prompt and the
+    response's words before it, greedily continues with the mapped word instead (absent
+    when no held-out record has one; a plain text needs a word before it).
     """
 
     name = "label_flip"
-    summary = "malicious clients' texts have source words replaced by target words; logs poison.label_flip_asr"
+    summary = "malicious clients' responses have source words replaced by target words; logs poison.label_flip_asr"
+    on_instruction_data = ("source words replaced in the responses only; ASR continues the rendered prompt and the "
+                           "response words before a source word")
     OptionsModel = LabelFlipOptions
 
     def __init__(self, options, runtime):
         super().__init__(options, runtime)
         words = "|".join(re.escape(w) for w in sorted(options.mapping, key=len, reverse=True))
         self.pattern = re.compile(rf"(?<!\S)({words})(?!\S)")
-        self.prompts, self.targets = [], []
-        for sentence in runtime.data.heldout:
-            found = self.pattern.search(sentence)
-            if found and found.start() > 0:
-                self.prompts.append(sentence[: found.start()].rstrip())
+        probes, starts, self.targets = [], [], []
+        for example in runtime.data.heldout:
+            found = self.pattern.search(example.response)
+            if found and (found.start() > 0 or example.is_prompted):
+                probes.append(example)
+                starts.append(example.response[: found.start()].rstrip())
                 self.targets.append(options.mapping[found.group(1)])
+        self.prompts = runtime.batcher.prompt_ids(probes, response_starts=starts) if probes else []
 
-    def client_data(self, client: ClientContext, texts: list[str]) -> list[str]:
+    def client_data(self, client: ClientContext, examples: list[Example]) -> list[Example]:
         if not self.attacking(client):
-            return texts
-        return [self.pattern.sub(lambda m: self.options.mapping[m.group(1)], t) for t in texts]
+            return examples
+        flip = lambda m: self.options.mapping[m.group(1)]  # noqa: E731
+        return [e.with_response(self.pattern.sub(flip, e.response)) for e in examples]
 
     def round_end(self, round: RoundContext, metrics: dict[str, float]) -> dict[str, float]:
         if not self.prompts:

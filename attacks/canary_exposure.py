@@ -2,7 +2,11 @@
 
 Exposure (Carlini et al. 2019, "The Secret Sharer"). For a canary with secret s among
 the candidate secrets R of the same format, rank the candidates by the model's
-log-perplexity of the whole canary text, Px(r) = −log2 Pr(prefix · r · " ." | model):
+log-perplexity of the canary's record with the candidate in the secret's place,
+Px(r) = −log2 Pr(prefix · r · suffix | question, model), taken on the tokens training
+takes its loss on: every token of a plain-text canary, the response of an instruction
+canary given its question (the question's own tokens, scored too with
+``data.train_on_prompt``, add the same to every candidate and change no rank):
 
     exposure(s) = log2 |R| − log2 rank(s),      rank(s) = 1 + #{r ∈ R : Px(r) < Px(s)}.
 
@@ -10,9 +14,11 @@ It ranges from 0 (the secret is the least likely candidate) to log2 |R| (the mos
 likely). Small spaces are enumerated exactly. For large ones we use the paper's
 extrapolation: fit a skew-normal (or normal) distribution to the Px of candidates
 sampled uniformly from R, and take exposure ≈ −log2 F(Px(s)), F the fitted CDF
-(capped at log2 |R|, the exact maximum).
+(capped at log2 |R|, the exact maximum). R is the kind's space, or the one a custom
+canary's ``format`` spells (:mod:`.membership.canaries`).
 
-Extraction: greedy decoding from the canary's prefix reproduces the secret exactly.
+Extraction: greedy decoding from what precedes the secret in training (the question,
+then the prefix) reproduces the secret exactly.
 Both are measured on the final global model (black box, ``training_end``).
 """
 
@@ -20,55 +26,22 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
-from itertools import product
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 from pydantic import Field
 from scipy import stats
 
-from fedsec_bench.data.synthetic import DOMAINS, FIRST_NAMES, LAST_NAMES, Canary
+from fedsec_bench.data import Canary, Example
 from fedsec_bench.lm import greedy_continuations
 from fedsec_bench.plugins import Options, Plugin
 
+from .membership.canaries import SPACES, format_space, space_of
 from .membership.scores import token_logprobs
 
-DIGITS = tuple("0123456789")
+__all__ = ["SPACES", "CanaryExposure", "exposure_exact", "exposure_extrapolated", "format_space"]  # spaces re-exported
 SEED_KEY = 7019
-
-
-@dataclass(frozen=True)
-class SecretSpace:
-    """The candidate secrets of one kind: one choice per slot, rendered to text like ``make_secret``."""
-
-    slots: tuple[tuple[str, ...], ...]
-    render: Callable[[tuple[str, ...]], str]
-
-    @property
-    def size(self) -> int:
-        return math.prod(len(slot) for slot in self.slots)
-
-    def enumerate(self) -> list[str]:
-        return [self.render(choice) for choice in product(*self.slots)]
-
-    def sample(self, rng: np.random.Generator, count: int) -> list[str]:
-        """Uniform draws from the space (with replacement, as the extrapolation assumes)."""
-        picks = [rng.integers(len(slot), size=count) for slot in self.slots]
-        return [self.render(tuple(slot[p[i]] for slot, p in zip(self.slots, picks))) for i in range(count)]
-
-
-SPACES = {
-    "card": SecretSpace((DIGITS,) * 16, lambda c: " ".join("".join(c[i : i + 4]) for i in range(0, 16, 4))),
-    "phone": SecretSpace((DIGITS,) * 10, lambda c: f"{''.join(c[:3])}-{''.join(c[3:6])}-{''.join(c[6:])}"),
-    "email": SecretSpace(
-        (tuple(FIRST_NAMES), tuple(LAST_NAMES), DIGITS, DIGITS, tuple(DOMAINS)),
-        lambda c: f"{c[0]}.{c[1]}{c[2]}{c[3]}@{c[4]}",
-    ),
-    "name": SecretSpace((tuple(FIRST_NAMES), tuple(LAST_NAMES)), lambda c: f"{c[0]} {c[1]}"),
-}
-"""One space per canary kind of fedsec_bench.data.synthetic.make_secret (a test checks they agree)."""
 
 
 def exposure_exact(secret_px: float, candidate_px: np.ndarray, space_size: int) -> float:
@@ -84,27 +57,36 @@ def exposure_extrapolated(secret_px: float, sampled_px: np.ndarray, space_size: 
     return float(min(-dist.logcdf(secret_px) / math.log(2), math.log2(space_size)))
 
 
-def log_perplexity(runtime, texts: list[str]) -> np.ndarray:
-    """Px(text) = −log2 Pr(text) under the current model, every predicted token included."""
-    return np.array([-lp.sum() / math.log(2) for lp in token_logprobs(runtime, texts)])
+def log_perplexity(runtime, examples: list[Example]) -> np.ndarray:
+    """Px = −log2 Pr(the scored tokens | what precedes them) under the current model: every token
+    of a plain text, the response (and EOS) of a prompted example given its prompt."""
+    return np.array([-lp.sum() / math.log(2) for lp in token_logprobs(runtime, examples)])
 
 
-def greedy_extractions(runtime, canaries: list[Canary]) -> list[bool]:
-    """For each canary: does greedy decoding from its prefix reproduce the secret (and stop the word there)?
+def greedy_extractions(runtime, canaries: list[Canary]) -> list[bool | float]:
+    """For each canary: does greedy decoding from what precedes its secret reproduce the secret (and stop
+    the word there)? NaN when nothing precedes it (a custom text that starts with its secret).
 
-    A prefix is fed without its trailing space: byte-level BPE attaches a space to the
-    word after it, so the secret's first token carries it. Each canary may decode as
-    many tokens as the rest of its own text (the secret and " .") takes.
+    Generation starts from the tokens training saw before the secret: the rendered
+    question (an instruction canary; its prefix is usually empty, so decoding starts
+    right after the question), then the prefix without its trailing space, because
+    byte-level BPE attaches a space to the word after it, so the secret's first token
+    carries it. Each canary may decode as many tokens as the rest of its response (the
+    secret and its suffix) takes.
     """
-    tok = runtime.tokenizer
-    prompts = [canary.prefix.rstrip() for canary in canaries]
-    budgets = [
-        max(1, len(tok(canary.text, add_special_tokens=False)["input_ids"])
-            - len(tok(prompt, add_special_tokens=False)["input_ids"]))
-        for canary, prompt in zip(canaries, prompts)
-    ]
-    produced = greedy_continuations(runtime.model, tok, prompts, budgets, runtime.device)
-    return [extracts(canary.secret, text.strip()) for canary, text in zip(canaries, produced)]
+    batcher = runtime.batcher
+    starts = [canary.prefix.rstrip() for canary in canaries]
+    prompts = batcher.prompt_ids([canary.example for canary in canaries], response_starts=starts)
+    responses = batcher.tokens([canary.example.response for canary in canaries])
+    budgets = [max(1, len(r) - len(s)) for r, s in zip(responses, batcher.tokens(starts))]
+    asked = [i for i, prompt in enumerate(prompts) if prompt]
+    produced = greedy_continuations(
+        runtime.model, runtime.tokenizer, [prompts[i] for i in asked], [budgets[i] for i in asked], runtime.device
+    )
+    hits: list[bool | float] = [float("nan")] * len(canaries)
+    for i, text in zip(asked, produced):
+        hits[i] = extracts(canaries[i].secret, text.strip())
+    return hits
 
 
 def extracts(secret: str, produced: str) -> bool:
@@ -118,13 +100,16 @@ class ExposureOptions(Options):
     )
     samples: int = Field(1000, ge=10, description="Candidates sampled for the extrapolation in larger spaces.")
     fit: Literal["skewnorm", "normal"] = Field("skewnorm", description="Distribution fitted to the sampled Px.")
-    extraction: bool = Field(True, description="Also try greedy extraction from each canary's prefix.")
+    extraction: bool = Field(
+        True, description="Also try greedy extraction from what precedes each secret (its question and prefix)."
+    )
 
 
 class CanaryExposure(Plugin):
     name = "canary_exposure"
     kind = "attack"
     summary = "exposure (Carlini et al. 2019) and greedy extraction of the planted canaries, by repetition count"
+    on_instruction_data = "ranks candidate answers by log-perplexity given the canary's question; extracts by asking it"
     OptionsModel = ExposureOptions
 
     def __init__(self, options, runtime):
@@ -133,8 +118,8 @@ class CanaryExposure(Plugin):
 
     @classmethod
     def check(cls, options: ExposureOptions, scenario) -> None:
-        if scenario.data.canaries.count == 0:
-            raise ValueError("no canaries are planted; set data.canaries.count ≥ 1")
+        if scenario.data.canary_count == 0 and not scenario.data.canaries.custom:
+            raise ValueError("no canaries are planted; set data.canaries.count ≥ 1 or add data.canaries.custom")
 
     def round_end(self, round, metrics) -> None:
         self.participants.update(r.client_id for r in round.reports)
@@ -151,29 +136,31 @@ class CanaryExposure(Plugin):
         return self.figures(table[table.trained])
 
     def measure(self, canary: Canary) -> dict:
-        space = SPACES[canary.kind]
+        """One canary's row: exposure among its space's candidates, exact or extrapolated."""
+        space = space_of(canary)
         row = {
             "canary": canary.index, "kind": canary.kind, "client": canary.client_id,
             "repetitions": canary.repetitions, "trained": canary.client_id in self.participants,
             "log2_space": math.log2(space.size),
         }
-        tokens = len(self.runtime.tokenizer(canary.text, add_special_tokens=False)["input_ids"])
-        if tokens >= self.runtime.scenario.data.seq_len:  # training cut the text (EOS included) before its end
+        encoded = self.runtime.batcher.encode([canary.example])[0]
+        if encoded.truncated:  # training cut the record (prompt + response + EOS) to seq_len
             warnings.warn(
-                f"canary {canary.index} ({tokens} tokens) is truncated by data.seq_len="
-                f"{self.runtime.scenario.data.seq_len}: its secret was never fully trained on; raise data.seq_len"
+                f"canary {canary.index} (its question and answer take more than data.seq_len="
+                f"{self.runtime.scenario.data.seq_len} tokens) is truncated: it was never trained on whole; "
+                "raise data.seq_len"
             )
             return {**row, "method": "truncated", "exposure": float("nan"), "extracted": float("nan")}
-        secret_px = log_perplexity(self.runtime, [canary.text])[0]
+        secret_px = log_perplexity(self.runtime, [canary.example])[0]
         exact = space.size <= self.options.exact_max
         if exact:
             others = [c for c in space.enumerate() if c != canary.secret]
-            px = log_perplexity(self.runtime, [canary.prefix + c + " ." for c in others])
+            px = log_perplexity(self.runtime, [canary.with_secret(c) for c in others])
             exposure = exposure_exact(secret_px, px, space.size)
         else:
             rng = np.random.default_rng(self.runtime.seed_for(SEED_KEY, canary.index))
             sampled = space.sample(rng, self.options.samples)
-            px = log_perplexity(self.runtime, [canary.prefix + c + " ." for c in sampled])
+            px = log_perplexity(self.runtime, [canary.with_secret(c) for c in sampled])
             exposure = exposure_extrapolated(secret_px, px, space.size, self.options.fit)
         return row | {
             "method": "exact" if exact else f"extrapolated ({self.options.fit})",
@@ -181,8 +168,8 @@ class CanaryExposure(Plugin):
         }
 
     def figures(self, trained: pd.DataFrame) -> dict[str, float]:
-        """Means over the canaries whose client trained at least once (truncated ones skipped), overall
-        and per repetition count."""
+        """Means over the canaries whose client trained at least once (truncated ones, and extraction where
+        nothing precedes the secret, skipped), overall and per repetition count."""
         if trained.empty:
             return {"canary.exposure": float("nan")}
         out = {"canary.exposure": float(trained.exposure.mean())}

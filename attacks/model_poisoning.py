@@ -25,6 +25,8 @@ from .poisoning import PoisoningAttack, PoisoningOptions
 class UpdatePoisoning(PoisoningAttack):
     """A malicious client replaces its own update by :meth:`poison` of it, in the rounds it attacks."""
 
+    on_instruction_data = "acts on the update only; the same on every data format"
+
     def client_update(self, client: ClientContext, update: State) -> State:
         return self.poison(client, update) if self.attacking(client) else update
 
@@ -98,6 +100,7 @@ class CollusionAttack(PoisoningAttack):
     """
 
     needs_plain_updates = True
+    on_instruction_data = "crafts its update from the benign updates only; the same on every data format"
 
     def client_update(self, client: ClientContext, update: State) -> State:
         self.attacking(client)  # the ground-truth mark; the update itself is replaced in collusion()

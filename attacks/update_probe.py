@@ -19,6 +19,7 @@ class UpdateProbe(Plugin):
     name = "update_probe"
     kind = "attack"
     summary = "server-side observer: norms of the updates the server can read"
+    on_instruction_data = "reads update norms only; the same on every data format"
 
     def server_observation(self, round: RoundContext, messages: list[Message]) -> dict[str, float]:
         readable = [m.payload for m in messages if m.is_plain]

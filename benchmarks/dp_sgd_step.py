@@ -39,7 +39,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as scratch:
         rt = build_runtime(scenario, build_federated_data(scenario), device, Path(scratch))
-    batch = rt.batcher.collate(rt.batcher.encode(rt.data.client_texts(0)[:16]))
+    batch = rt.batcher.collate(rt.batcher.encode(rt.data.client_examples(0)[:16]))
     batch = {k: v.to(rt.device) for k, v in batch.items()}
     params = list(rt.trainable.params.values())
     optimizer = torch.optim.SGD(params, lr=1e-3)

@@ -55,10 +55,10 @@ def time_plain(rounds: int) -> float:
     scenario = fedsec_bench.load_scenario(SCENARIO)
     fed = scenario.federation
     data = build_federated_data(scenario)
-    tokenizer = make_tokenizer(scenario.model, data.public)
+    tokenizer = make_tokenizer(scenario.model, data.public_texts())
     model = apply_tuning(make_model(scenario.model, tokenizer, scenario.seed), scenario.tuning)
     batcher = Batcher(tokenizer, scenario.data.seq_len, fed.batch_size)
-    texts = [t for cid in range(data.num_clients) for t in data.client_texts(cid)]
+    texts = [t for cid in range(data.num_clients) for t in data.client_examples(cid)]
     loader, eval_loader = batcher.loader(texts, seed=0), batcher.loader(data.heldout)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=fed.lr)
     steps = rounds * fed.clients_per_round * fed.local_steps

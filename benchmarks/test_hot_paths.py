@@ -95,7 +95,7 @@ def test_local_training_step(benchmark, tmp_path, private):
     raw = {**SCENARIO, "defenses": [{"name": "dp_sgd", "noise_multiplier": 1.0}] if private else []}
     runtime, hooks = runtime_for(raw, tmp_path)
     client = ClientContext(0, 1, 0, runtime, peers=[0])
-    texts = runtime.data.client_texts(0)
+    texts = runtime.data.client_examples(0)
 
     def one_step():
         training = LocalTraining(runtime.model, make_optimizer(list(runtime.trainable.params.values()),

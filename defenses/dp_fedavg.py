@@ -83,8 +83,10 @@ class DPFedAvg(Plugin):
     name = "dp_fedavg"
     kind = "defense"
     summary = "user-level DP-FedAvg: clip each update, Gaussian noise on the sum, fixed denominator (McMahan et al. 2018)"
+    on_instruction_data = "acts on the update only (the privacy unit is a client, all its pairs); the same on every data format"
     OptionsModel = DPFedAvgOptions
     needs_mean_aggregate = True  # post_aggregation turns the mean of equal weights back into the sum
+    needs_model_from_aggregate_only = True
 
     def __init__(self, options: DPFedAvgOptions, runtime):
         super().__init__(options, runtime)

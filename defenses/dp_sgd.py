@@ -17,7 +17,10 @@ each checked against per-example backward passes in tests/test_dp_sgd.py:
 * the training loss. transformers' ``.loss`` is the mean over every token of the
   batch, so one example's gradient is scaled by the other examples' lengths and
   clipping no longer bounds one record's influence. We use the mean of per-example
-  token-mean losses instead, the decomposition Opacus' ``loss_reduction="mean"`` assumes;
+  token-mean losses instead, the decomposition Opacus' ``loss_reduction="mean"`` assumes.
+  On prompt/response data an example is one pair and its tokens with a label are its
+  response's (the batcher masks the prompt), so the pair is the privacy unit and its
+  prompt enters only through its response's gradient;
 * GPT-2's position embeddings are looked up with ``position_ids`` of batch size 1 and
   broadcast, so Opacus would see one "example"; we pass them with the batch's shape;
 * PEFT prompt tuning computes the soft prompt once (``prompt_tokens[:1]``) and repeats
@@ -114,8 +117,14 @@ class ClientBudget:
         self.mechanism = mechanism
 
 
+def federation_delta(options: DPSGDOptions, data) -> float:
+    """δ: the option, else 1 / (2 · training examples of the whole federation)."""
+    return options.delta or 1.0 / (2 * sum(data.num_examples(c) for c in range(data.num_clients)))
+
+
 def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Each example's mean next-token loss over its own tokens: one value per example."""
+    """Each example's mean next-token loss over its own labelled tokens (a pair's response tokens, on
+    prompt/response data): one value per example."""
     logprobs, is_target = target_logprobs(logits, labels)
     return -(logprobs * is_target).sum(1) / is_target.sum(1).clamp(min=1)
 
@@ -205,12 +214,14 @@ class DPSGD(Plugin):
     name = "dp_sgd"
     kind = "defense"
     summary = "DP-SGD in each client's local training (Opacus): per-example clipping, Gaussian noise, accounting"
+    on_instruction_data = ("one record = one prompt/response pair: each pair's gradient (response-token loss) is clipped "
+                           "and noised; its prompt tokens enter only through that gradient")
     OptionsModel = DPSGDOptions
 
     def __init__(self, options: DPSGDOptions, runtime):
         super().__init__(options, runtime)
         self.budgets: dict[int, ClientBudget] = {}
-        self.delta = options.delta or 1.0 / (2 * sum(runtime.data.num_examples(c) for c in range(runtime.data.num_clients)))
+        self.delta = federation_delta(options, runtime.data)
 
     def __getstate__(self) -> dict:
         """A Ray worker's copy needs no ledgers: they stay with the driver, which composes them."""
@@ -218,17 +229,31 @@ class DPSGD(Plugin):
 
     @classmethod
     def check(cls, options: DPSGDOptions, scenario) -> None:
-        """With target_epsilon, refuse at load time when a client of the nominal size could not reach it.
+        """Refuse gradient accumulation.
 
-        Only the synthetic corpus has a nominal client size; with files the same error comes at the
-        client's first round, from :meth:`mechanism`.
+        DP-SGD's step is one sampled batch, clipped per example and noised once, and the
+        accountant composes one sampled Gaussian per batch of rate batch_size / n; summing
+        batches into a step would change both.
         """
-        if options.target_epsilon is None or scenario.data.source != "synthetic":
+        if scenario.federation.grad_accumulation > 1:
+            raise ValueError(
+                "federation.grad_accumulation > 1 is not supported: each DP-SGD step clips and noises one "
+                "sampled batch of federation.batch_size, as its accountant counts; set grad_accumulation 1 "
+                "(raise federation.batch_size for a larger batch)"
+            )
+
+    @classmethod
+    def check_data(cls, options: DPSGDOptions, scenario, data) -> None:
+        """With target_epsilon: every client, at its real size, must be able to reach it (σ is calibrated
+        per client, assuming it trains every round)."""
+        if options.target_epsilon is None:
             return
-        fed, examples = scenario.federation, scenario.data.examples_per_client
-        delta = options.delta or 1.0 / (2 * examples * fed.num_clients)
-        steps = local_steps(fed, examples) * fed.rounds
-        calibrate(options.target_epsilon, delta, min(1.0, fed.batch_size / examples), steps, options.accountant)
+        fed = scenario.federation
+        sizes = sorted({data.num_examples(c) for c in range(data.num_clients)})
+        delta = federation_delta(options, data)
+        for examples in sizes:
+            steps = local_steps(fed, examples) * fed.rounds
+            calibrate(options.target_epsilon, delta, min(1.0, fed.batch_size / examples), steps, options.accountant)
 
     def mechanism(self, examples: int, steps_per_round: int) -> Mechanism:
         """The client's mechanism; σ from target_epsilon assumes it trains every round."""

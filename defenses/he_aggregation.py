@@ -233,6 +233,7 @@ class HEAggregation(Plugin):
     name = "he_aggregation"
     kind = "defense"
     summary = "clients send CKKS ciphertexts (TenSEAL); the server sums them without the key, the clients decrypt"
+    on_instruction_data = "acts on the update only; the same on every data format"
     OptionsModel = HEAggregationOptions
     sends_plain = False  # ciphertexts: the server can only add them up
     aggregates_mean = True

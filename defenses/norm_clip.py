@@ -22,6 +22,7 @@ class NormClip(Plugin):
     name = "norm_clip"
     kind = "defense"
     summary = "clip each client's update to L2 norm max_norm (client side)"
+    on_instruction_data = "acts on the update only; the same on every data format"
     OptionsModel = NormClipOptions
 
     def client_update(self, client: ClientContext, update: State) -> State:

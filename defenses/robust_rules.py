@@ -48,6 +48,7 @@ class RobustAggregator(Plugin):
     """
 
     kind = "aggregator"
+    on_instruction_data = "acts on the updates only; the same on every data format"  # every rule below inherits it
     needs_plain_updates = True
 
     def __init__(self, options, runtime):

@@ -142,6 +142,7 @@ class SecureAggregation(Plugin):
     name = "secure_aggregation"
     kind = "defense"
     summary = "pairwise additive masks that cancel in the sum; the server reads only the aggregate (Bonawitz et al. 2017)"
+    on_instruction_data = "acts on the update only; the same on every data format"
     OptionsModel = SecureAggregationOptions
     sends_plain = False  # masked vectors: only their sum means anything
     aggregates_mean = True

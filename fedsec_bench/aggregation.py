@@ -13,7 +13,7 @@ def fedavg(messages: list[Message], like: State) -> State:
     out = zeros_like(like)
     for m, update in zip(messages, plain_updates(messages, "fedavg")):
         for name, value in update.items():
-            out[name] += value * (m.num_examples / total)
+            out[name].add_(value, alpha=m.num_examples / total)  # in place: no temporary the size of the model
     return out
 
 
@@ -21,6 +21,7 @@ class FedAvg(Plugin):
     name = "fedavg"
     kind = "aggregator"
     summary = "example-weighted mean of the updates (McMahan et al. 2017)"
+    on_instruction_data = "weights each update by its client's prompt/response pairs; the same on every data format"
     aggregates_mean = True
 
     def aggregation(self, round: RoundContext, messages: list[Message]) -> State:

@@ -103,11 +103,21 @@ def _scenario_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_validate(args) -> int:
-    from .plan import load_scenario
+    """Everything ``run`` checks before it records a run: the schema, the plugins, and the data itself."""
+    from .data import build_federated_data
+    from .plan import load_plan
 
-    scenario = load_scenario(resolve_scenario_path(args.scenario), args.overrides)
+    plan = load_plan(resolve_scenario_path(args.scenario), args.overrides)
+    scenario = plan.scenario
+    data = build_federated_data(scenario)
+    plan.check_data(data)
+    sizes = [data.num_examples(c) for c in range(data.num_clients)]
     print(f"{scenario.name}: ok ({scenario.tuning.mode}, {scenario.federation.rounds} rounds, "
           f"{len(scenario.defenses)} defenses, {len(scenario.attacks)} attacks)")
+    print(f"  data: {data.num_clients} clients with {min(sizes)}-{max(sizes)} examples ({sum(sizes)} in all), "
+          f"{len(data.heldout)} held out, {len(data.public)} public, {len(data.canaries)} canaries")
+    for name, value in data.counts.items():
+        print(f"  {name}: {value:g}")
     return 0
 
 
@@ -226,6 +236,8 @@ def cmd_list(args) -> int:
                 print(f"  {item.name:<24} modes: {','.join(sorted(cls.modes)):<18} hooks: {', '.join(cls.hooks())}")
                 if cls.summary:
                     print(f"  {'':<24} {cls.summary}")
+                if cls.on_instruction_data:
+                    print(f"  {'':<24} instruction data: {cls.on_instruction_data}")
     unavailable = [item for item in listings if item.unavailable is not None]
     if unavailable:
         print("unavailable here (scenarios that use them are refused):")

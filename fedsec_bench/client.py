@@ -21,19 +21,29 @@ class LocalTraining:
     loader: DataLoader
     steps: int
     device: torch.device
+    accumulation: int = 1
+    """Batches whose gradients are summed into each optimizer step (federation.grad_accumulation)."""
 
     def run(self) -> float:
-        """Take ``steps`` optimizer steps, cycling over the loader; return the mean training loss."""
+        """Take ``steps`` optimizer steps of ``accumulation`` batches each, cycling over the loader; return
+        the mean batch loss.
+
+        Each batch's loss is divided by ``accumulation``, so a step's gradient is the mean of
+        its batches' gradients: with batches of equal token counts, the gradient of one batch
+        ``accumulation`` times as large, at the activation memory of one batch.
+        """
         self.model.train()
         total = torch.zeros((), device=self.device)
-        for batch in islice(epochs(self.loader), self.steps):
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            loss = self.model(**batch).loss
-            loss.backward()
+        batches = epochs(self.loader)
+        for _ in range(self.steps):
+            for batch in islice(batches, self.accumulation):
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                loss = self.model(**batch).loss
+                (loss / self.accumulation).backward()
+                total += loss.detach()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            total += loss.detach()
-        return (total / self.steps).item()
+        return (total / (self.steps * self.accumulation)).item()
 
 
 def epochs(loader: DataLoader):
@@ -54,8 +64,11 @@ def make_optimizer(params: list[torch.nn.Parameter], federation) -> torch.optim.
 
 
 def local_steps(federation, num_examples: int) -> int:
+    """Optimizer steps per round: local_steps, or local_epochs passes over the client's batches, each step
+    taking grad_accumulation of them."""
     if federation.local_epochs is not None:
-        return federation.local_epochs * -(-num_examples // federation.batch_size)
+        batches = -(-num_examples // federation.batch_size)
+        return federation.local_epochs * -(-batches // federation.grad_accumulation)
     return federation.local_steps
 
 
@@ -63,19 +76,20 @@ def client_round(client: ClientContext, global_state: State, hooks: HookChain) -
     """Train from the global state on the client's data; return what it sends (None if lost) and our notes."""
     rt = client.runtime
     fed = rt.scenario.federation
-    texts = hooks.client_data(client, rt.data.client_texts(client.client_id))
+    examples = hooks.client_data(client, rt.data.client_examples(client.client_id))
     torch.manual_seed(client.seed)  # dropout and any other randomness in local training
     rt.trainable.load(global_state)
-    steps = local_steps(fed, len(texts))
+    steps = local_steps(fed, len(examples))
     training = LocalTraining(
         model=rt.model,
         optimizer=make_optimizer(list(rt.trainable.params.values()), fed),
-        loader=rt.batcher.loader(texts, seed=client.seed),
+        loader=rt.batcher.loader(examples, seed=client.seed),
         steps=steps,
         device=rt.device,
+        accumulation=fed.grad_accumulation,
     )
     train_loss = hooks.local_training(client, training).run()
     update = hooks.client_update(client, rt.trainable.delta_from(global_state))
-    message = hooks.transport(client, Message.of_update(client.client_id, len(texts), update))
-    report = ClientReport(client.client_id, len(texts), train_loss, steps, dict(client.metrics), dict(client.notes))
+    message = hooks.transport(client, Message.of_update(client.client_id, len(examples), update))
+    report = ClientReport(client.client_id, len(examples), train_loss, steps, dict(client.metrics), dict(client.notes))
     return message, report

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from .evaluation import evaluate
+from .evaluation import answer_quality, evaluate
 from .messages import Message, RoundContext
 from .executors import Executor
 from .plugins import HookChain
@@ -39,7 +39,11 @@ class Federation:
         return metrics
 
     def evaluate(self) -> dict[str, float]:
-        return evaluate(self.rt.model, self.rt.eval_loader, self.rt.device)
+        rt, config = self.rt, self.rt.scenario.eval
+        figures = evaluate(rt.model, rt.eval_loader, rt.device)
+        if rt.answered:
+            figures |= answer_quality(rt.model, rt.batcher, rt.answered, config.max_new_tokens, config.batch_size, rt.device)
+        return figures
 
     def sample_clients(self, rnd: int) -> list[int]:
         return sample_clients(self.config, self.rt.seed_for(rnd))

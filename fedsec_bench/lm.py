@@ -61,7 +61,7 @@ def target_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     return logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1), is_target
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def example_logprobs(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> list[np.ndarray]:
     """The log-prob of every predicted token of every example, in the loader's order, in eval mode.
 
@@ -78,26 +78,35 @@ def example_logprobs(model: torch.nn.Module, loader: DataLoader, device: torch.d
     return out
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def greedy_continuations(
-    model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int | list[int], device: torch.device
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int | list[int],
+    device: torch.device,
+    batch_size: int = GENERATION_BATCH,
 ) -> list[str]:
-    """The greedy continuation of each prompt, decoded, cut at its first EOS and at its token budget.
+    """The greedy continuation of each prompt (token ids), decoded, cut at its first EOS and at its budget.
 
-    ``max_new_tokens`` is one budget for all prompts or one per prompt. Prompts are
-    encoded without special tokens and decoded in batches with ``model.generate``
-    (``do_sample=False``, KV cache), left-padded with an attention mask so every row
-    continues exactly as it would alone. Rows are independent, so the first k greedy
-    tokens of a longer run are the k-token run: one batch serves different budgets.
+    Prompts are token ids so that generation starts from exactly the tokens training
+    saw (:meth:`~fedsec_bench.data.batching.Batcher.prompt_ids` builds them from
+    examples). ``max_new_tokens`` is one budget for all prompts or one per prompt.
+    Prompts are decoded in batches with ``model.generate`` (``do_sample=False``, KV
+    cache), left-padded with an attention mask so every row continues exactly as it
+    would alone. Rows are independent, so the first k greedy tokens of a longer run are
+    the k-token run: one batch serves different budgets.
     """
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
+    limit = position_limit(model)
+    if limit is not None:  # a prompt loses its start, as in training, so that prompt + answer fit the positions
+        prompts = [p[max(0, len(p) - max(1, limit - b)) :] for p, b in zip(prompts, budgets)]
     outputs: list[str] = []
     with evaluating(model):
-        for start in range(0, len(encoded), GENERATION_BATCH):
-            rows = slice(start, start + GENERATION_BATCH)
-            input_ids, attention_mask = left_padded(encoded[rows], pad_id, device)
+        for start in range(0, len(prompts), batch_size):
+            rows = slice(start, start + batch_size)
+            input_ids, attention_mask = left_padded(prompts[rows], pad_id, device)
             new = greedy_new_tokens(
                 model, input_ids, attention_mask, max(budgets[rows]), pad_id, tokenizer.eos_token_id
             )
@@ -107,6 +116,16 @@ def greedy_continuations(
                     tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
                 outputs.append(tokenizer.decode(tokens))
     return outputs
+
+
+def position_limit(model: torch.nn.Module) -> int | None:
+    """The most token positions a sequence may take (a soft prompt's virtual tokens come off), if the
+    model has a limit in its config (GPT-2's n_positions, Llama's max_position_embeddings)."""
+    config = model.config
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if limit is not None and is_prompt_tuned(model):
+        limit -= model.active_peft_config.num_virtual_tokens
+    return limit
 
 
 def left_padded(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,15 +3,22 @@
 Nothing here downloads unless ``model.name_or_path`` is a hub name and the machine is
 online; tests save a tiny built model to disk and load it back through the same
 from_pretrained path a user's checkpoint takes.
+
+The memory options (``model.dtype``, ``quantization``, ``gradient_checkpointing``) apply to
+the one frozen copy of the model the process holds, however many clients there are.
 """
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
+from peft import prepare_model_for_kbit_training
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    BitsAndBytesConfig,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -21,8 +28,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from .errors import ScenarioError
 from .scenario import ModelConfig
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EOS = "<|endoftext|>"
 BYTE_VOCAB = 256 + 1  # every byte, plus the end-of-text token
 
@@ -38,7 +47,7 @@ def make_tokenizer(config: ModelConfig, public_texts: list[str]) -> PreTrainedTo
     if kind == "auto":
         kind = "model" if config.name_or_path else "bpe"
     if kind == "model":
-        tokenizer = AutoTokenizer.from_pretrained(config.name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(config.name_or_path, trust_remote_code=config.trust_remote_code)
     else:
         vocab = BYTE_VOCAB if kind == "byte" else config.tokenizer.vocab_size
         tokenizer = train_byte_level_bpe(public_texts, vocab)
@@ -62,17 +71,75 @@ def train_byte_level_bpe(texts: list[str], vocab_size: int) -> PreTrainedTokeniz
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
 
 
+def check_model_support(config: ModelConfig) -> None:
+    """Refuse, before any run is recorded, a quantized load this machine cannot do.
+
+    bitsandbytes' k-bit layers run on CUDA only; without this check the run would be opened
+    in MLflow and then fail inside from_pretrained with an ImportError that names no field.
+    """
+    if config.quantization == "none":
+        return
+    missing = [] if torch.cuda.is_available() else ["CUDA GPU"]
+    missing += [module for module in ("bitsandbytes", "accelerate") if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ScenarioError(
+            f"model.quantization: {config.quantization} needs a CUDA GPU and bitsandbytes (pip install bitsandbytes "
+            f"accelerate); this machine has no {', no '.join(missing)}; use model.quantization none on this machine"
+        )
+    if config.pretrain.steps:
+        raise ScenarioError("model.pretrain.steps: pretraining trains every weight, but model.quantization freezes "
+                            "them quantized; set model.pretrain.steps 0 or model.quantization none")
+
+
 def make_model(config: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
-    """Load ``name_or_path`` with from_pretrained, or build ``arch`` with seeded initial weights."""
+    """Load ``name_or_path`` with from_pretrained, or build ``arch`` with seeded initial weights, in
+    ``model.dtype`` and ready to train as ``model.quantization`` and ``gradient_checkpointing`` say.
+
+    The seed comes first in both cases, so the weights drawn after it (new embedding rows, and then the
+    adapters' init in :func:`~fedsec_bench.tuning.apply_tuning`, the A that FFA-LoRA freezes) are the same
+    in every run of the scenario.
+    """
+    torch.manual_seed(seed)
     if config.name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(config.name_or_path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(config.name_or_path, **load_options(config))
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))
     else:
-        torch.manual_seed(seed)
-        model = _build(config, config.vocab or len(tokenizer), tokenizer.eos_token_id)
+        model = _build(config, config.vocab or len(tokenizer), tokenizer.eos_token_id).to(DTYPES[config.dtype])
     model.config.pad_token_id = tokenizer.pad_token_id
+    prepare_for_training(model, config)
     return model
+
+
+def load_options(config: ModelConfig) -> dict:
+    """from_pretrained's keyword arguments: dtype, trust_remote_code and the bitsandbytes config."""
+    options = {"dtype": DTYPES[config.dtype], "trust_remote_code": config.trust_remote_code}
+    if config.quantization == "4bit":
+        # QLoRA (Dettmers et al. 2023): NF4 storage, double-quantized scales, matmuls in 16 bits
+        compute = torch.bfloat16 if config.dtype == "float32" else DTYPES[config.dtype]
+        options["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+        )
+    elif config.quantization == "8bit":
+        options["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    return options
+
+
+def prepare_for_training(model: PreTrainedModel, config: ModelConfig) -> None:
+    """k-bit preparation (freeze, norms in float32) and gradient checkpointing, each only when asked.
+
+    PEFT's preparation would switch checkpointing on by itself; here that is
+    ``model.gradient_checkpointing``'s call alone. Checkpointing is non-reentrant, so
+    adapters behind frozen embeddings get gradients without inputs that require them.
+    Training then keeps no KV cache (recomputation cannot reuse one); ``generate`` still
+    asks for one through its generation config.
+    """
+    if config.quantization != "none":
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
 
 
 def _build(config: ModelConfig, vocab: int, eos_id: int) -> PreTrainedModel:

@@ -17,11 +17,14 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from .errors import ScenarioError
+from .lora_aggregation import ExactLoraAggregation
+from .models import check_model_support
 from .plugins import HookChain, Options, Plugin
 from .registry import PluginUnavailable, get_plugin
 from .scenario import PluginSpec, Scenario, parse_scenario, suggest
 
 if TYPE_CHECKING:
+    from .data import FederatedData
     from .runtime import Runtime
 
 
@@ -44,10 +47,23 @@ class PlannedPlugin:
 class Plan:
     scenario: Scenario
     plugins: tuple[PlannedPlugin, ...]
-    """Every attack, every defense, then the aggregator: the hook order."""
+    """Every attack, every defense, the aggregator, then what the scenario's own fields plan
+    (:func:`core_plugins`): the hook order."""
 
     def hook_chain(self, runtime: Runtime) -> HookChain:
         return HookChain([p.plugin(p.options, runtime) for p in self.plugins])
+
+    def check_data(self, data: FederatedData) -> None:
+        """Each plugin's ``check_data`` on the data as built (its clients' real sizes): run, sweep and
+        ``fedsec validate`` refuse the same scenarios, before any run is recorded."""
+        problems = []
+        for p in self.plugins:
+            try:
+                p.plugin.check_data(p.options, self.scenario, data)
+            except ValueError as exc:
+                problems.append(f"{p.label}: {exc}")
+        if problems:
+            raise ScenarioError(problems)
 
 
 def load_plan(source: str | Path | dict, overrides: list[str] | None = None) -> Plan:
@@ -68,11 +84,22 @@ def resolve(scenario: Scenario) -> Plan:
             planned.append(parse_entry(spec, kind, where))
         except ScenarioError as exc:
             problems += exc.problems
+    planned += core_plugins(scenario)
     if not problems:
         problems = [*own_checks(planned, scenario), *conflicts(planned)]
     if problems:
         raise ScenarioError(problems)
+    check_model_support(scenario.model)
     return Plan(scenario, tuple(planned))
+
+
+def core_plugins(scenario: Scenario) -> list[PlannedPlugin]:
+    """Plugins a scenario field asks for rather than an entry: ``tuning.lora.aggregation: exact``. Planned
+    like the others, so their capabilities are held against the listed plugins' the same way."""
+    tuning = scenario.tuning
+    if tuning.mode == "lora" and tuning.lora.aggregation == "exact":
+        return [PlannedPlugin("tuning.lora.aggregation", ExactLoraAggregation, Options())]
+    return []
 
 
 def parse_entry(spec: PluginSpec, kind: str, where: str) -> PlannedPlugin:
@@ -137,6 +164,12 @@ def conflicts(planned: list[PlannedPlugin]) -> list[str]:
         f"{p.label} needs the round's aggregate to be the weighted mean of the updates, but {aggregating.label} "
         "aggregates otherwise; use federation.aggregator: fedavg"
         for p in planned if p.plugin.needs_mean_aggregate and not aggregating.plugin.aggregates_mean
+    ]
+    problems += [
+        f"{p.label} moves the global model by more than the aggregate (from each client's own update), outside "
+        f"what {g.label} guarantees for the aggregate; drop one of them"
+        for p in planned if p.plugin.moves_model_outside_aggregate
+        for g in planned if g.plugin.needs_model_from_aggregate_only
     ]
     problems += duplicates(planned)
     return problems

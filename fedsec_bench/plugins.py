@@ -24,6 +24,7 @@ from .messages import ClientContext, Message, RoundContext, State
 
 if TYPE_CHECKING:
     from .client import LocalTraining
+    from .data import Example, FederatedData
     from .runtime import Runtime
     from .scenario import Scenario
 
@@ -57,6 +58,9 @@ class Plugin:
     name: ClassVar[str]
     kind: ClassVar[Literal["attack", "defense", "aggregator"]]
     summary: ClassVar[str] = ""
+    on_instruction_data: ClassVar[str] = ""
+    """What the plugin does with prompt/response records (data.format instruction or chat), in one
+    line, shown by ``fedsec list``; every built-in plugin says it."""
     modes: ClassVar[frozenset[str]] = MODES
     OptionsModel: ClassVar[type[Options]] = Options
 
@@ -70,6 +74,11 @@ class Plugin:
     """True when ``aggregation`` returns the ``num_examples``-weighted mean of the updates."""
     needs_mean_aggregate: ClassVar[bool] = False
     """True when this plugin relies on the round's aggregate being that weighted mean."""
+    moves_model_outside_aggregate: ClassVar[bool] = False
+    """True when the server changes the global model by more than the aggregate (FedEx-LoRA folds a
+    residual computed from each client's own update into the frozen weights)."""
+    needs_model_from_aggregate_only: ClassVar[bool] = False
+    """True when this plugin's guarantee covers only what the aggregate carries (DP-FedAvg's noised mean)."""
     exclusive_by: ClassVar[str | None] = None
     """An option whose value two entries of this plugin may not share (they would log the same figures)."""
 
@@ -82,6 +91,11 @@ class Plugin:
         """Refuse, at load time, options that cannot work with this scenario (raise ValueError with the
         reason). What concerns another plugin is declared in the capability attributes instead."""
 
+    @classmethod
+    def check_data(cls, options: Options, scenario: Scenario, data: FederatedData) -> None:
+        """Refuse, before the run starts, options the built data cannot satisfy (each client's real number
+        of examples, say); raise ValueError with the reason."""
+
     def __getstate__(self) -> dict:
         """Pickled without the runtime: under executor ray, a worker's copy of the plugin runs the
         client-side hooks with the worker's own runtime (see :mod:`fedsec_bench.ray_executor`).
@@ -89,8 +103,10 @@ class Plugin:
         return {k: v for k, v in self.__dict__.items() if k != "runtime"}
 
     # --- client side -------------------------------------------------------------
-    def client_data(self, client: ClientContext, texts: list[str]) -> list[str]:
-        return texts
+    def client_data(self, client: ClientContext, examples: list[Example]) -> list[Example]:
+        """Rewrite what a client trains on (a poisoning client's records); examples, not token ids, so it
+        works in every data format and with every tokenizer."""
+        return examples
 
     def local_training(self, client: ClientContext, training: LocalTraining) -> LocalTraining:
         return training
@@ -149,10 +165,10 @@ class HookChain:
             p.runtime = runtime
         return self
 
-    def client_data(self, client: ClientContext, texts: list[str]) -> list[str]:
+    def client_data(self, client: ClientContext, examples: list[Example]) -> list[Example]:
         for p in self.plugins:
-            texts = p.client_data(client, texts)
-        return texts
+            examples = p.client_data(client, examples)
+        return examples
 
     def local_training(self, client: ClientContext, training: LocalTraining) -> LocalTraining:
         for p in self.plugins:

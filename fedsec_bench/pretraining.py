@@ -10,14 +10,19 @@ from __future__ import annotations
 import torch
 
 from .client import LocalTraining
+from .data import Example
 from .data.batching import Batcher
 from .scenario import Scenario
 
 
-def pretrain(model: torch.nn.Module, tokenizer, texts: list[str], scenario: Scenario, device: torch.device) -> float:
-    """Train every weight for ``model.pretrain.steps`` AdamW steps; return the mean training loss."""
+def pretrain(model: torch.nn.Module, tokenizer, examples: list[Example], scenario: Scenario, device: torch.device) -> float:
+    """Train every weight for ``model.pretrain.steps`` AdamW steps; return the mean training loss.
+
+    The loss is on every token, prompts included: pretraining teaches the language and the
+    template, not answering."""
     config = scenario.model.pretrain
     torch.manual_seed(scenario.seed)
-    loader = Batcher(tokenizer, scenario.data.seq_len, config.batch_size).loader(texts, seed=scenario.seed)
+    batcher = Batcher(tokenizer, scenario.data.seq_len, config.batch_size, train_on_prompt=True)
+    loader = batcher.loader(examples, seed=scenario.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
     return LocalTraining(model, optimizer, loader, config.steps, device).run()

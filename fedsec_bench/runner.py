@@ -58,12 +58,13 @@ def run(
         )
     device = resolve_device(scenario.device)
     data = build_federated_data(scenario)
+    plan.check_data(data)
     with Tracker(scenario, parent_run_id=parent_run_id) as tracker:
         runtime = build_runtime(scenario, data, device, tracker.artifact_dir)
         hooks = plan.hook_chain(runtime)
         with closing(make_executor(runtime, hooks)) as executor:
             federation = Federation(runtime, hooks, executor)
-            history = [{"round": 0, **federation.evaluate()}]
+            history = [{"round": 0, **runtime.data.counts, **federation.evaluate()}]
             tracker.log_metrics(history[0], step=0)
             for rnd in range(1, scenario.federation.rounds + 1):
                 metrics = federation.run_round(rnd)

@@ -11,6 +11,7 @@ import torch
 
 from .data import FederatedData
 from .data.batching import Batcher
+from .data.chunking import chunk_long_texts
 from .errors import ScenarioError
 from .models import make_model, make_tokenizer
 from .pretraining import pretrain
@@ -29,7 +30,9 @@ class Runtime:
     trainable: TrainableState
     batcher: Batcher
     eval_loader: object
-    """Batches of the held-out split, for utility figures."""
+    """Batches of the held-out examples utility is measured on (eval.max_examples of them)."""
+    answered: list
+    """Held-out prompt/response examples the model answers by generation at each evaluation (none for text)."""
     artifact_dir: Path
     """Plugins write tables and plots here; the folder is logged to MLflow at the end."""
 
@@ -58,11 +61,22 @@ def resolve_device(choice: str) -> torch.device:
 
 def build_runtime(scenario: Scenario, data: FederatedData, device: torch.device, artifact_dir: Path) -> Runtime:
     """Build the tokenizer and model; data and device are resolved first, before any run is recorded."""
-    tokenizer = make_tokenizer(scenario.model, data.public)
+    tokenizer = make_tokenizer(scenario.model, data.public_texts())
     model = make_model(scenario.model, tokenizer, scenario.seed).to(device)
     if scenario.model.pretrain.steps:
         pretrain(model, tokenizer, data.public, scenario, device)
     return assemble_runtime(scenario, data, device, tokenizer, apply_tuning(model, scenario.tuning), artifact_dir)
+
+
+def fit_to_tokenizer(data: FederatedData, batcher: Batcher, scenario: Scenario) -> FederatedData:
+    """Chunk long texts when asked, and count the examples seq_len cuts (``data.truncated_examples``).
+
+    Deterministic in the data and the tokenizer, so a Ray worker fitting its own copy gets the same."""
+    if scenario.data.long_texts == "chunk" and not scenario.data.is_prompted:
+        data = chunk_long_texts(data, batcher)
+    encoded = batcher.encode(data.members() + data.heldout)
+    data.counts["data.truncated_examples"] = float(sum(e.truncated for e in encoded))
+    return data
 
 
 def assemble_runtime(
@@ -70,9 +84,12 @@ def assemble_runtime(
 ) -> Runtime:
     """A runtime around a tokenizer and a tuned model that exist already: the driver's own, or a
     Ray worker's copy of them (so that every worker trains exactly the driver's model)."""
-    batcher = Batcher(tokenizer, scenario.data.seq_len, scenario.federation.batch_size)
+    batcher = Batcher(tokenizer, scenario.data.seq_len, scenario.federation.batch_size, scenario.data.train_on_prompt)
+    data = fit_to_tokenizer(data, batcher, scenario)
     model = model.to(device)
+    scored, answered = scenario.eval_examples()
     return Runtime(
         scenario, device, data, tokenizer, model, TrainableState(model), batcher,
-        eval_loader=batcher.loader(data.heldout), artifact_dir=artifact_dir,
+        eval_loader=batcher.loader(data.heldout[:scored], batch_size=scenario.eval.batch_size),
+        answered=data.heldout[:answered], artifact_dir=artifact_dir,
     )

@@ -46,6 +46,20 @@ class ModelConfig(Section):
     name_or_path: str | None = Field(
         None, description="Hugging Face model name or local directory, loaded with from_pretrained."
     )
+    trust_remote_code: bool = Field(
+        False, description="Let from_pretrained run the checkpoint's own Python code (only for checkpoints you trust)."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Compute and storage dtype of the model's frozen weights. Exchanged updates stay "
+        "float32 (the server averages in float32) unless a defense says otherwise."
+    )
+    quantization: Literal["none", "8bit", "4bit"] = Field(
+        "none", description="Load the frozen weights quantized with bitsandbytes (4bit: NF4, as in QLoRA). Needs "
+        "model.name_or_path, tuning.mode lora or prompt, a CUDA GPU and `pip install bitsandbytes`."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, about a third more compute."
+    )
     arch: Literal["gpt2", "llama"] | None = Field(None, description="Build a fresh model of this architecture.")
     layers: int = Field(2, ge=1, description="Transformer blocks (arch only).")
     hidden: int = Field(64, ge=8, description="Hidden size (arch only); divisible by heads.")
@@ -77,6 +91,12 @@ class LoraConfig(Section):
     alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (the update is scaled by alpha / r).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
     target_modules: list[str] | None = Field(None, description="None: PEFT's default for the architecture.")
+    aggregation: Literal["separate", "ffa", "exact"] = Field(
+        "separate", description="separate: A and B averaged on their own (the mean of products is not the product "
+        "of means). ffa: FFA-LoRA (Sun et al. 2024), A frozen at its seeded init, only B trained and exchanged. "
+        "exact: FedEx-LoRA (Singhal et al. 2024), the server also folds the residual mean(B_i A_i) - mean(B) "
+        "mean(A) into the frozen weight, so the global model is the clients' mean model exactly."
+    )
 
 
 class PromptConfig(Section):
@@ -91,24 +111,72 @@ class TuningConfig(Section):
     prompt: PromptConfig = PromptConfig()
 
 
+class CustomCanary(Section):
+    """A secret of the user's own: planted ``repetitions`` times, or (0) already somewhere in the data."""
+
+    text: str = Field(..., description="The text around the secret, with {secret} where it goes, e.g. "
+                      "'my PIN is {secret}'. With data.format instruction or chat it is the response.")
+    secret: str = Field(..., min_length=1, description="The secret itself; it must match format.")
+    format: str = Field(
+        ..., min_length=1, description="The secret's candidate space, one slot per character: # a digit, "
+        "@ a lowercase letter, anything else itself. '####' is the 10,000 four-digit PINs."
+    )
+    prompt: str | None = Field(None, description="instruction/chat data: the question the text answers.")
+    repetitions: int = Field(1, ge=0, description="Copies planted; 0: not planted, the data already holds it "
+                             "(measure the exposure of PII the data really contains).")
+    client: int | None = Field(None, ge=0, description="The client that holds the planted copies; default random.")
+
+    @model_validator(mode="after")
+    def _secret_fits(self) -> CustomCanary:
+        if "{secret}" not in self.text:
+            raise ValueError("data.canaries.custom: text must contain {secret} where the secret goes")
+        if len(self.secret) != len(self.format) or not all(
+            (f == "#" and c.isdigit()) or (f == "@" and c in "abcdefghijklmnopqrstuvwxyz") or (f not in "#@" and f == c)
+            for c, f in zip(self.secret, self.format)
+        ):
+            raise ValueError(f"data.canaries.custom: secret {self.secret!r} does not match format {self.format!r} "
+                             "(# a digit, @ a lowercase letter, any other character itself)")
+        if not set(self.format) & {"#", "@"}:
+            raise ValueError(f"data.canaries.custom: format {self.format!r} has no # or @, so the secret is the "
+                             "only candidate and its exposure is always 0; mark the secret's characters")
+        return self
+
+
 class CanaryConfig(Section):
-    count: int = Field(8, ge=0, description="Number of distinct planted secrets.")
-    repetitions: list[int] = Field([1, 4], min_length=1, description="Cycled over canaries: how often each is inserted.")
+    count: int | None = Field(
+        None, ge=0, description="Number of distinct planted secrets; default 8 with source synthetic, 0 with "
+        "files or datasets (nothing is planted into a user's data unless asked)."
+    )
+    repetitions: list[Annotated[int, Field(ge=0)]] = Field([1, 4], min_length=1, description="Cycled over canaries: how often each is inserted.")
     kinds: list[Literal["card", "phone", "email", "name"]] = Field(
         ["card", "phone", "email", "name"], min_length=1, description="Secret kinds, cycled over canaries."
     )
     clients: Annotated[list[int], Field(min_length=1)] | Literal["random"] = Field(
         "random", description="Which clients hold canaries (cycled), or one random client per canary."
     )
+    custom: list[CustomCanary] = Field([], description="Secrets of your own, measured like the built-in ones.")
 
 
 class PartitionConfig(Section):
-    method: Literal["iid", "dirichlet", "quantity_skew"] = Field(
+    method: Literal["iid", "dirichlet", "quantity_skew", "natural"] = Field(
         "iid", description="iid: equal random shares. dirichlet: label skew over label_field. quantity_skew: "
-        "client sizes ~ Dirichlet(alpha)."
+        "client sizes ~ Dirichlet(alpha). natural: one client per distinct value of `by` (a user id), as "
+        "flwr-datasets' NaturalIdPartitioner."
+    )
+    by: str | None = Field(None, description="natural only: the column naming each record's user.")
+    select: Literal["largest", "random"] = Field(
+        "largest", description="natural only, when the data has more users than federation.num_clients: keep "
+        "the users with most records, or a seeded random sample of them."
     )
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration for dirichlet and quantity_skew (smaller = more skewed).")
-    min_examples: int = Field(2, ge=1, description="Every client gets at least this many examples.")
+    min_examples: int = Field(2, ge=1, description="Every client gets at least this many examples "
+                              "(natural: users with fewer are left out).")
+
+    @model_validator(mode="after")
+    def _natural_by(self) -> PartitionConfig:
+        if (self.method == "natural") != (self.by is not None):
+            raise ValueError("data.partition.by names the user column, and is used (and needed) by method natural only")
+        return self
 
 
 class DataConfig(Section):
@@ -117,11 +185,28 @@ class DataConfig(Section):
         "datasets: through datasets.load_dataset."
     )
     path: str | list[str] | None = Field(
-        None, description="files: txt/jsonl/csv/parquet path(s). datasets: a dataset name or builder (json, csv...)."
+        None, description="files: txt/jsonl/json/csv/parquet path(s). datasets: a dataset name or builder (json, "
+        "csv...). A relative file path written in a scenario file is relative to that file's folder; one given "
+        "with --set, to the current directory."
     )
-    data_files: str | list[str] | None = Field(None, description="datasets only: passed to load_dataset.")
+    data_files: str | list[str] | None = Field(
+        None, description="datasets only: passed to load_dataset; relative paths as for path."
+    )
     split: str = Field("train", description="datasets only.")
-    text_field: str = Field("text", description="Column holding the text (files, datasets).")
+    format: Literal["text", "instruction", "chat"] = Field(
+        "text", description="text: plain documents, the loss on every token. instruction: prompt/response "
+        "records (Alpaca style). chat: a list of {role, content} messages, the last one the assistant's response. "
+        "The prompt is rendered with the tokenizer's chat template, else the built-in template (docs/models-and-data.md)."
+    )
+    text_field: str = Field("text", description="format text: the column holding the text.")
+    instruction_field: str = Field("instruction", description="format instruction: the column holding the instruction.")
+    input_field: str = Field("input", description="format instruction: the optional column with the instruction's input.")
+    output_field: str = Field("output", description="format instruction: the column holding the response.")
+    messages_field: str = Field("messages", description="format chat: the column holding the message list.")
+    train_on_prompt: bool = Field(
+        False, description="Take the loss on prompt tokens too. Default: on response tokens only (prompt tokens "
+        "get the ignore index), as instruction tuning does."
+    )
     label_field: str = Field("topic", description="Column used by dirichlet partitioning (synthetic data has topics).")
     examples_per_client: int = Field(32, ge=1, description="synthetic only: mean examples per client.")
     topics: int = Field(8, ge=1, description="synthetic only: number of topics.")
@@ -132,11 +217,31 @@ class DataConfig(Section):
         "members and non-members included. What per-example calibration (reference, lira, rmia) corrects."
     )
     heldout_examples: int = Field(64, ge=2, description="Held-out (non-member) examples for eval and attacks.")
-    public_examples: int = Field(
-        256, ge=1, description="Public examples, in no client's data and not held out: they train the BPE "
-        "tokenizer and model.pretrain."
+    public_examples: int | None = Field(
+        None, ge=0, description="Public examples, in no client's data and not held out: they train the BPE "
+        "tokenizer and model.pretrain. Default: 256 when the scenario trains a tokenizer or pretrains, else 0 "
+        "(a checkpoint's own tokenizer needs none, so no user's records are spent on it)."
     )
-    seq_len: int = Field(64, ge=4, description="Examples are cut to this many tokens.")
+    seq_len: int = Field(
+        64, ge=4, description="Tokens per example. A longer prompt/response pair loses the start of its prompt; "
+        "a longer text is cut or chunked (long_texts). Both are counted (data.truncated_examples)."
+    )
+    long_texts: Literal["truncate", "chunk"] = Field(
+        "truncate", description="format text: a text longer than seq_len is cut (truncate) or split into "
+        "seq_len-token examples of the same client (chunk); counted either way."
+    )
+    max_examples_per_client: int | None = Field(
+        None, ge=1, description="Cap on each client's records (a seeded sample of them), e.g. for users with "
+        "thousands of records."
+    )
+    duplicates: Literal["group", "drop"] = Field(
+        "group", description="Exact duplicate records: group keeps every copy in one split (a repeated record "
+        "is never both member and non-member); drop keeps one copy. Counted as data.duplicate_records."
+    )
+    heldout_by_user: bool = Field(
+        False, description="partition natural: hold out whole users (every record of a held-out user is a "
+        "non-member), as user-level attacks need. Default: held-out records are drawn from all users."
+    )
     canaries: CanaryConfig = CanaryConfig()
     partition: PartitionConfig = PartitionConfig()
 
@@ -144,9 +249,35 @@ class DataConfig(Section):
     def _source_fields(self) -> DataConfig:
         if self.source != "synthetic" and not self.path:
             raise ValueError(f"data.path is required with data.source={self.source}")
-        if self.source == "synthetic" and self.path:
-            raise ValueError("data.path is only read with data.source=files or datasets")
+        if self.source == "synthetic":
+            if self.path:
+                raise ValueError("data.path is only read with data.source=files or datasets")
+            if self.partition.method == "natural":
+                raise ValueError("data.partition.method natural needs a user column: use data.source files or datasets")
+            if self.format == "chat":
+                raise ValueError("data.format chat needs files or datasets; the synthetic corpus is text or instruction")
+        else:
+            synthetic_only = [f for f in ("examples_per_client", "topics", "difficulty") if f in self.model_fields_set]
+            if synthetic_only:
+                raise ValueError(
+                    f"data.{synthetic_only[0]} shapes the synthetic corpus only and is not read with "
+                    f"data.source={self.source}; remove it"
+                )
+        if self.heldout_by_user and self.partition.method != "natural":
+            raise ValueError("data.heldout_by_user holds out whole users: it needs data.partition.method natural")
         return self
+
+    @property
+    def canary_count(self) -> int:
+        """data.canaries.count, or its default for the source."""
+        if self.canaries.count is not None:
+            return self.canaries.count
+        return 8 if self.source == "synthetic" else 0
+
+    @property
+    def is_prompted(self) -> bool:
+        """Prompt/response records (instruction or chat), as opposed to plain text."""
+        return self.format != "text"
 
 
 class PluginSpec(BaseModel):
@@ -192,6 +323,10 @@ class FederationConfig(Section):
         default_factory=lambda: PluginSpec(name="fedavg"),
         description="Aggregation rule: a name (fedavg, krum, ...) or {name: ..., <its options>}.",
     )
+    grad_accumulation: int = Field(
+        1, ge=1, description="Batches whose gradients are summed into one optimizer step: the effective batch is "
+        "batch_size x grad_accumulation at the memory of batch_size. local_steps counts optimizer steps."
+    )
     eval_every: int = Field(1, ge=1, description="Evaluate every k rounds (and always after the last).")
     executor: Literal["local", "ray"] = Field(
         "local", description="Where clients train: local (one after another in this process) or ray (Ray workers)."
@@ -220,6 +355,22 @@ class FederationConfig(Section):
         return value
 
 
+class EvalConfig(Section):
+    max_examples: Annotated[int, Field(ge=1)] | Literal["auto", "all"] = Field(
+        "auto", description="Held-out examples the utility loss is measured on (the same first ones every "
+        "evaluation). auto: a quarter of the sequences a round trains on (clients_per_round x local_steps x "
+        "batch_size x grad_accumulation), at least 8, so a forward pass over them stays about a tenth of the "
+        "round's training; all: the whole held-out split."
+    )
+    batch_size: int = Field(8, ge=1, description="Examples per evaluation (and generation) batch.")
+    generation_examples: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto", description="instruction/chat data: held-out prompts answered by greedy decoding and scored "
+        "against the reference response (utility.rougeL, utility.exact_match). auto: a quarter of the loss "
+        "examples, at least 2; 0: no generation."
+    )
+    max_new_tokens: int = Field(32, ge=1, description="Generation budget per held-out prompt.")
+
+
 class TrackingConfig(Section):
     enabled: bool = Field(True, description="Log to MLflow; the local run folder is written either way.")
     uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI.")
@@ -235,6 +386,7 @@ class Scenario(Section):
     tuning: TuningConfig = TuningConfig()
     data: DataConfig = DataConfig()
     federation: FederationConfig = FederationConfig()
+    eval: EvalConfig = EvalConfig()
     defenses: list[PluginSpec] = Field([], description="Defenses in force, each {name: ..., <options>}.")
     attacks: list[PluginSpec] = Field([], description="Attacks to run, each {name: ..., <options>}.")
     tracking: TrackingConfig = TrackingConfig()
@@ -245,6 +397,30 @@ class Scenario(Section):
         "(e.g. {seed: [0, 1], defenses: [[], [{name: norm_clip}]]}).",
     )
 
+    @model_validator(mode="after")
+    def _workload(self) -> Scenario:
+        model, tuning = self.model, self.tuning
+        if self.data.public_examples == 0 and self.needs_public_split:
+            raise ValueError("data.public_examples: 0 leaves nothing to train the tokenizer (model.tokenizer.kind "
+                             "bpe or byte) or to pretrain on; give it some, or use the checkpoint's tokenizer")
+        virtual = tuning.prompt.num_virtual_tokens if tuning.mode == "prompt" else 0
+        if model.arch is not None and self.data.seq_len + virtual > model.max_positions:
+            soft = f" + tuning.prompt.num_virtual_tokens ({virtual})" if virtual else ""
+            raise ValueError(f"data.seq_len ({self.data.seq_len}){soft} exceeds model.max_positions "
+                             f"({model.max_positions}); raise model.max_positions or lower data.seq_len")
+        if model.quantization != "none":
+            if model.name_or_path is None:
+                raise ValueError("model.quantization loads a checkpoint quantized: it needs model.name_or_path")
+            if tuning.mode == "full":
+                raise ValueError("model.quantization freezes quantized weights: use tuning.mode lora or prompt (QLoRA)")
+        if model.dtype != "float32" and tuning.mode == "full":
+            raise ValueError("model.dtype sets the frozen weights' dtype; tuning.mode full trains every weight and "
+                             "keeps float32 master weights: use lora or prompt, or model.dtype float32")
+        if tuning.mode == "lora" and tuning.lora.aggregation == "exact" and self.federation.executor == "ray":
+            raise ValueError("tuning.lora.aggregation exact folds a residual into the driver's frozen weights, "
+                             "which Ray workers do not see: use executor local, or aggregation separate or ffa")
+        return self
+
     @field_validator("matrix")
     @classmethod
     def _matrix_lists(cls, value):
@@ -252,6 +428,34 @@ class Scenario(Section):
             if not options:
                 raise ValueError(f"matrix.{path}: give at least one alternative")
         return value
+
+    @property
+    def needs_public_split(self) -> bool:
+        """A tokenizer is trained, or the model pretrained, on the public split."""
+        kind = self.model.tokenizer.kind
+        trains_tokenizer = kind in ("bpe", "byte") or (kind == "auto" and self.model.name_or_path is None)
+        return trains_tokenizer or self.model.pretrain.steps > 0
+
+    def eval_examples(self) -> tuple[int | None, int]:
+        """(held-out examples the loss is measured on, None for all; prompts answered by generation)."""
+        config, fed = self.eval, self.federation
+        if config.max_examples == "auto":
+            per_round = fed.clients_per_round * (fed.local_steps or 1) * fed.batch_size * fed.grad_accumulation
+            loss = max(8, per_round // 4)
+        else:
+            loss = None if config.max_examples == "all" else config.max_examples
+        if not self.data.is_prompted:
+            return loss, 0
+        if config.generation_examples != "auto":
+            return loss, config.generation_examples
+        return loss, max(2, (loss or self.data.heldout_examples) // 4)
+
+    @property
+    def public_examples(self) -> int:
+        """data.public_examples, or its default for this scenario."""
+        if self.data.public_examples is not None:
+            return self.data.public_examples
+        return 256 if self.needs_public_split else 0
 
     def digest(self) -> str:
         """A stable hash of the resolved scenario, logged as a tag so identical runs can be found."""
@@ -286,7 +490,27 @@ def read_yaml(path: str | Path) -> dict:
         raise ScenarioError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ScenarioError(f"{path}: a scenario is a mapping of sections (name, model, ...), got {type(raw).__name__}")
+    _anchor_data_paths(raw, path.parent)
     return raw
+
+
+def _anchor_data_paths(raw: dict, folder: Path) -> None:
+    """Make the data files a scenario file names relative to its own folder, so it runs from anywhere
+    (the bundled scenarios ship their data beside them). Dataset names (data.source datasets) are kept."""
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return
+    keys = ["data_files"] + (["path"] if data.get("source") == "files" else [])
+    for key in keys:
+        value = data.get(key)
+        if isinstance(value, str):
+            data[key] = _anchored(value, folder)
+        elif isinstance(value, list):
+            data[key] = [_anchored(v, folder) if isinstance(v, str) else v for v in value]
+
+
+def _anchored(path: str, folder: Path) -> str:
+    return path if Path(path).expanduser().is_absolute() else str(folder / path)
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -333,8 +557,22 @@ def validate_scenario(raw: dict) -> Scenario:
     try:
         scenario = Scenario.model_validate(raw)
     except ValidationError as exc:
-        raise ScenarioError([_describe(err) for err in exc.errors()]) from None
+        raise ScenarioError(_union_merged([_describe(err) for err in exc.errors()])) from None
     return scenario
+
+
+_UNION_BRANCH = re.compile(r"\.(constrained-int|int|str|float|list\[[^\]]*\]|literal\[[^\]]*\]):")
+
+
+def _union_merged(lines: list[str]) -> list[str]:
+    """A value that fits no branch of a union (a number or 'auto') fails once per branch; pydantic names
+    each branch in the path. One line per field, its branches' reasons joined with "or"."""
+    merged: dict[str, list[str]] = {}
+    for line in lines:
+        field, _, reason = _UNION_BRANCH.sub(":", line, count=1).partition(": ")
+        merged.setdefault(field, []).append(reason)
+    return [f"{field}: {' or '.join(dict.fromkeys(reasons))}" if reasons != [""] else field
+            for field, reasons in merged.items()]
 
 
 def field_path(loc: tuple) -> str:

@@ -3,7 +3,8 @@
 ``full`` trains and exchanges every weight; ``lora`` and ``prompt`` wrap the model with
 PEFT and exchange only the adapter or the soft prompt. Everything downstream (the
 round loop, defenses, attacks) sees the same thing: a :data:`State` of the trainable
-parameters by name.
+parameters by name, in float32 whatever ``model.dtype`` is, so the server averages in
+float32 and a defense's noise or clipping is not rounded to 16 bits.
 """
 
 from __future__ import annotations
@@ -32,7 +33,27 @@ def apply_tuning(model: PreTrainedModel, tuning: TuningConfig) -> torch.nn.Modul
         )
     else:
         config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=tuning.prompt.num_virtual_tokens)
-    return get_peft_model(model, config)
+    # autocast_adapter_dtype (the default) keeps LoRA adapters and the soft prompt float32 on a 16-bit base
+    peft_model = get_peft_model(model, config)
+    if tuning.mode == "lora" and tuning.lora.aggregation == "ffa":
+        freeze_lora_a(peft_model)
+    return peft_model
+
+
+LORA_A = (".lora_A.", ".lora_embedding_A.")
+
+
+def freeze_lora_a(model: torch.nn.Module) -> None:
+    """FFA-LoRA (Sun et al. 2024): every A stays at its seeded init, so only B is trained and exchanged.
+
+    Every client starts from the server's model, so A is the same everywhere; the update
+    of ``W0 + s·BA`` is then linear in B and averaging the Bs averages the clients' models
+    exactly (with ``separate``, the mean of products is not the product of means). Only B
+    is sent, about half the adapter, and under DP the noise lands on B alone.
+    """
+    for name, p in model.named_parameters():
+        if any(marker in name for marker in LORA_A):
+            p.requires_grad_(False)
 
 
 class TrainableState:
@@ -45,23 +66,25 @@ class TrainableState:
             raise ValueError("the model has no trainable parameters")
 
     def snapshot(self) -> State:
-        """A detached copy, safe to keep while the model trains on."""
-        return {n: p.detach().clone() for n, p in self.params.items()}
+        """A detached float32 copy, safe to keep while the model trains on."""
+        return {n: p.detach().to(torch.float32, copy=True) for n, p in self.params.items()}
 
     @torch.no_grad()
     def load(self, state: State) -> None:
+        """Set the parameters to ``state``, cast to each parameter's own dtype."""
         for name, p in self.params.items():
             p.copy_(state[name])
 
     def delta_from(self, reference: State) -> State:
-        """Current minus reference: a client's update."""
-        return {n: (p.detach() - reference[n]) for n, p in self.params.items()}
+        """Current minus reference, in float32: a client's update."""
+        return {n: (p.detach().float() - reference[n]) for n, p in self.params.items()}
 
     @torch.no_grad()
     def step(self, reference: State, update: State, scale: float) -> None:
-        """Set the parameters to reference + scale * update (the server's model step)."""
+        """Set the parameters to reference + scale * update (the server's model step), computed in the
+        exchanged float32 and cast to each parameter's own dtype."""
         for name, p in self.params.items():
-            p.copy_(reference[name] + scale * update[name].to(p.dtype))
+            p.copy_(reference[name] + scale * update[name].to(reference[name].dtype))
 
     def num_values(self) -> int:
         return sum(p.numel() for p in self.params.values())

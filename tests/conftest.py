@@ -68,7 +68,7 @@ def pretrained_tiny(tmp_path_factory):
     raw = copy.deepcopy(TINY)
     scenario = load_scenario(raw, ["model.pretrain.steps=150", "data.public_examples=512"])
     data = build_federated_data(scenario)
-    tokenizer = make_tokenizer(scenario.model, data.public)
+    tokenizer = make_tokenizer(scenario.model, data.public_texts())
     model = make_model(scenario.model, tokenizer, scenario.seed)
     pretrain(model, tokenizer, data.public, scenario, torch.device("cpu"))
     folder = tmp_path_factory.mktemp("pretrained") / "tiny-gpt2"

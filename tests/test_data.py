@@ -22,9 +22,9 @@ def data_for(raw, *overrides):
 
 def test_synthetic_corpus_is_deterministic_in_the_seed(tiny):
     a, b, c = data_for(tiny), data_for(tiny), data_for(tiny, "seed=1")
-    assert [a.client_texts(i) for i in range(4)] == [b.client_texts(i) for i in range(4)]
+    assert [a.client_examples(i) for i in range(4)] == [b.client_examples(i) for i in range(4)]
     assert a.heldout == b.heldout and a.canaries == b.canaries
-    assert a.client_texts(0) != c.client_texts(0)
+    assert a.client_examples(0) != c.client_examples(0)
 
 
 def test_canaries_are_planted_with_their_repetition_counts(tiny):
@@ -32,13 +32,13 @@ def test_canaries_are_planted_with_their_repetition_counts(tiny):
     data = data_for(tiny)
     assert [(c.client_id, c.repetitions) for c in data.canaries] == [(2, 1), (3, 5), (2, 1), (3, 5)]
     for canary in data.canaries:
-        holder = data.client_texts(canary.client_id)
-        assert holder.count(canary.text) == canary.repetitions
-        others = [t for cid in range(4) if cid != canary.client_id for t in data.client_texts(cid)]
-        assert canary.text not in others
-        assert canary.secret not in " ".join(data.heldout + data.public)
+        holder = data.client_examples(canary.client_id)
+        assert holder.count(canary.example) == canary.repetitions
+        others = [t for cid in range(4) if cid != canary.client_id for t in data.client_examples(cid)]
+        assert canary.example not in others
+        assert canary.secret not in " ".join(e.response for e in data.heldout + data.public)
     assert {c.kind for c in data.canaries} == {"card", "phone", "email", "name"}
-    assert data.num_examples(3) == len(data.client_texts(3))
+    assert data.num_examples(3) == len(data.client_examples(3))
 
 
 def test_members_heldout_and_public_splits_are_disjoint(tiny):
@@ -65,9 +65,9 @@ def test_mixed_difficulty_appends_noise_to_the_same_sentences(tiny):
     tiny["data"].update(examples_per_client=100)
     uniform, mixed = data_for(tiny), data_for(tiny, "data.difficulty=mixed")
     assert data_for(tiny, "data.difficulty=uniform").pool == uniform.pool
-    assert all(m.startswith(u) for u, m in zip(uniform.pool, mixed.pool, strict=True))
-    counts = [noise_count(t) for t in mixed.pool]
-    assert {noise_count(t) for t in uniform.pool} == {0}
+    assert all(m.response.startswith(u.response) for u, m in zip(uniform.pool, mixed.pool, strict=True))
+    counts = [noise_count(e.response) for e in mixed.pool]
+    assert {noise_count(e.response) for e in uniform.pool} == {0}
     assert set(counts) == set(range(MAX_NOISE_TOKENS + 1))
     assert 0.4 < counts.count(0) / len(counts) < 0.6
     assert mixed.pool == data_for(tiny, "data.difficulty=mixed").pool  # deterministic in the seed
@@ -77,8 +77,8 @@ def test_mixed_difficulty_is_the_same_for_members_and_non_members(tiny):
     """Membership inference needs held-out texts from the members' distribution: difficulty included."""
     tiny["data"].update(difficulty="mixed", examples_per_client=500, heldout_examples=2000)
     data = data_for(tiny)
-    members = np.array([noise_count(t) for t in data.pool])
-    heldout = np.array([noise_count(t) for t in data.heldout])
+    members = np.array([noise_count(e.response) for e in data.pool])
+    heldout = np.array([noise_count(e.response) for e in data.heldout])
     assert not set(data.heldout) & set(data.pool)
     assert abs((members == 0).mean() - (heldout == 0).mean()) < 0.05
     assert stats.ks_2samp(members, heldout).pvalue > 0.01
@@ -134,7 +134,7 @@ def test_a_thousand_clients_cost_only_their_index_arrays(tiny):
     data = data_for(tiny, "federation.num_clients=1000", "data.examples_per_client=8")
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert data.num_clients == 1000 and len(data.client_texts(999)) >= 8
+    assert data.num_clients == 1000 and len(data.client_examples(999)) >= 8
     assert peak < 20 * 2**20  # 8,000 short sentences and 1,000 index arrays, not per-client models
 
 
@@ -157,9 +157,9 @@ def test_local_files_are_read_and_split(tiny, table, tmp_path, suffix):
     tiny["data"] = {"source": "files", "path": str(path), "heldout_examples": 10, "public_examples": 10,
                     "canaries": {"count": 0}}
     data = data_for(tiny)
-    members = [t for cid in range(4) for t in data.client_texts(cid)]
+    members = [t for cid in range(4) for t in data.client_examples(cid)]
     assert len(members) == 40 and len(data.heldout) == 10 and len(data.public) == 10
-    assert sorted(members + data.heldout + data.public) == sorted(table.text)
+    assert sorted(e.response for e in members + data.heldout + data.public) == sorted(table.text)
 
 
 def test_dirichlet_on_files_uses_the_label_column(tiny, table, tmp_path):
@@ -167,7 +167,7 @@ def test_dirichlet_on_files_uses_the_label_column(tiny, table, tmp_path):
     table.to_csv(path, index=False)
     tiny["data"] = {"source": "files", "path": str(path), "heldout_examples": 10, "public_examples": 10,
                     "partition": {"method": "dirichlet", "alpha": 0.5}, "canaries": {"count": 0}}
-    assert sum(len(data_for(tiny).client_texts(c)) for c in range(4)) == 40
+    assert sum(len(data_for(tiny).client_examples(c)) for c in range(4)) == 40
     with pytest.raises(ScenarioError, match="data.label_field: no column 'label'"):
         data_for(tiny, "data.label_field=label")
 
@@ -188,5 +188,5 @@ def test_datasets_library_path_on_a_local_file(tiny, table, tmp_path, monkeypatc
     tiny["data"] = {"source": "datasets", "path": "json", "data_files": str(path), "heldout_examples": 10,
                     "public_examples": 10, "canaries": {"count": 0}}
     data = data_for(tiny)
-    members = [t for c in range(4) for t in data.client_texts(c)]
-    assert sorted(members + data.heldout + data.public) == sorted(table.text)
+    members = [t for c in range(4) for t in data.client_examples(c)]
+    assert sorted(e.response for e in members + data.heldout + data.public) == sorted(table.text)

@@ -112,3 +112,15 @@ def test_every_package_folder_is_listed_for_installation():
             relative = init.parent.relative_to(README.parent / folder).parts
             on_disk.add(".".join((package, *relative)))
     assert on_disk <= listed, f"add to [tool.setuptools] packages: {sorted(on_disk - listed)}"
+
+
+def test_every_built_in_plugin_says_what_it_does_with_instruction_data(capsys):
+    """``fedsec list`` prints it under each plugin; an empty line would leave users guessing."""
+    from fedsec_bench.cli import main
+    from fedsec_bench.registry import load_plugin
+
+    built_in = [name for name, ep in entry_points_by_name().items() if ep.dist is None or ep.dist.name == "fedsec-bench"]
+    silent = [name for name in built_in if not load_plugin(name).on_instruction_data]
+    assert not silent, f"plugins without on_instruction_data: {silent}"
+    main(["list"])
+    assert capsys.readouterr().out.count("instruction data: ") == len(built_in)

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+import yaml
 from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
-from opacus.optimizers import DPOptimizer
 
 import fedsec_bench
+from fedsec_bench.cli import main as fedsec
 from fedsec_bench.client import make_optimizer
 from fedsec_bench.data import build_federated_data
 from fedsec_bench.errors import ScenarioError
 from fedsec_bench.runtime import build_runtime
-from fedsec_bench.plan import load_scenario
+from fedsec_bench.plan import load_plan, load_scenario
 from fedsec_bench.defenses.accounting import Ledger
 from fedsec_bench.defenses.dp_sgd import (
     GRAD_SAMPLE_MODE, ClientBudget, Mechanism, PrivateTraining, per_example_losses, sequence_losses,
@@ -54,7 +57,7 @@ def reference_gradients(model, batch, params):
 )
 def test_per_example_gradients_match_microbatch_reference(tiny, tmp_path, arch, mode, functorch):
     rt = tiny_runtime(tiny, tmp_path, arch, mode)
-    batch = rt.batcher.collate(rt.batcher.encode(rt.data.client_texts(0)[:3]))
+    batch = rt.batcher.collate(rt.batcher.encode(rt.data.client_examples(0)[:3]))
     assert batch["attention_mask"].sum(1).unique().numel() > 1, "the batch must mix lengths (padding)"
     names, params = zip(*rt.trainable.params.items())
     expected = reference_gradients(rt.model, batch, list(params))
@@ -69,11 +72,11 @@ def test_per_example_gradients_match_microbatch_reference(tiny, tmp_path, arch, 
 
 
 def private_training(rt, steps, sample_rate, sigma=1.0):
-    texts = rt.data.client_texts(0)
+    examples = rt.data.client_examples(0)
     return PrivateTraining(
         model=rt.model, optimizer=make_optimizer(list(rt.trainable.params.values()), rt.scenario.federation),
-        loader=rt.batcher.loader(texts, seed=0), steps=steps, device=rt.device, tuning_mode="lora",
-        mechanism=Mechanism(len(texts), sample_rate, sigma), generator=torch.Generator().manual_seed(0),
+        loader=rt.batcher.loader(examples, seed=0), steps=steps, device=rt.device, tuning_mode="lora",
+        mechanism=Mechanism(len(examples), sample_rate, sigma), generator=torch.Generator().manual_seed(0),
     )
 
 
@@ -114,20 +117,23 @@ def test_the_ledger_composes_each_reported_step_of_the_mechanism():
     assert budget.ledger.epsilon(1e-5) == pytest.approx(at_once.get_epsilon(delta=1e-5))
 
 
-def dp_run(tiny, mode="lora", arch="gpt2", optimizer="sgd", lr=4.0, **options):
-    """Two rounds of three DP-SGD steps at expected batch 32 of 64 examples (q = 1/2): tiny, yet the
-    noise σC/32 is small enough next to the clipped mean gradient for learning to show."""
+def dp_run(tiny, mode="lora", arch="gpt2", optimizer="sgd", lr=4.0, examples=64, batch=32, **options):
+    """Two rounds of three DP-SGD steps at expected batch ``batch`` of ``examples`` per client (q = 1/2 by
+    default): tiny, yet the noise σC/batch is small enough next to the clipped mean gradient for learning to show."""
     tiny["model"]["arch"], tiny["tuning"]["mode"] = arch, mode
-    tiny["data"]["examples_per_client"] = 64
-    tiny["federation"].update(rounds=2, local_steps=3, batch_size=32, optimizer=optimizer, lr=lr)
+    tiny["data"]["examples_per_client"] = examples
+    tiny["federation"].update(rounds=2, local_steps=3, batch_size=batch, optimizer=optimizer, lr=lr)
     tiny["defenses"] = [{"name": "dp_sgd", "max_grad_norm": 1.0, **options}]
     return fedsec_bench.run(tiny)
 
 
 def test_noise_lowers_utility_moderate_noise_still_learns_and_epsilon_grows(tiny):
+    """LoRA on a random base learns slowly, so the noise per coordinate σC/B is kept low with B = 64 (of
+    128, q = 1/2) and SGD's step large: seeds 0-3 all keep the orderings below, at round-to-round margins
+    of about 0.001 nats for σ = 1.5."""
     finals = {}
     for sigma in (0.0, 1.5, 8.0):
-        result = dp_run(tiny, noise_multiplier=sigma)
+        result = dp_run(tiny, lr=8.0, examples=128, batch=64, noise_multiplier=sigma)
         loss, eps = result.metrics["utility.eval_loss"], result.metrics["privacy.epsilon"]
         finals[sigma] = loss.iloc[-1]
         if sigma == 0.0:
@@ -138,7 +144,7 @@ def test_noise_lowers_utility_moderate_noise_still_learns_and_epsilon_grows(tiny
             table = pd.read_csv(result.run_dir / "artifacts" / "dp_sgd_epsilon.csv")
             assert table["epsilon"].max() == pytest.approx(eps.iloc[-1])
             assert (table["noise_multiplier"] == sigma).all()
-            assert result.final["privacy.delta"] == pytest.approx(1 / (2 * 4 * 64), rel=0.1)  # 1/(2N), N ≈ 4·64
+            assert result.final["privacy.delta"] == pytest.approx(1 / (2 * 4 * 128), rel=0.1)  # 1/(2N), N ≈ 4·128
     assert finals[0.0] < finals[1.5] < finals[8.0]
 
 
@@ -169,13 +175,62 @@ def test_full_and_prompt_tuning_learn_under_moderate_noise(tiny, mode, arch, opt
         ({"noise_multiplier": -0.5}, r"noise_multiplier: .*greater than or equal to 0"),
         ({"noise_multiplier": 1.0, "target_epsilon": 3.0}, "exactly one of noise_multiplier"),
         ({}, "exactly one of noise_multiplier"),
-        ({"target_epsilon": 1e-4, "delta": 1e-9}, "unreachable"),
     ],
 )
 def test_impossible_settings_are_refused_at_load_time(tiny, options, message):
     tiny["defenses"] = [{"name": "dp_sgd", **options}]
     with pytest.raises(ScenarioError, match=message):
         load_scenario(tiny)
+
+
+UNREACHABLE = {"target_epsilon": 1e-4, "delta": 1e-9}
+"""Below what any σ reaches: at RDP's largest order α = 1024, converting to (ε, δ) alone costs
+(log(1/δ) − log α)/(α − 1) ≈ 0.013, whatever the noise."""
+
+
+def unreachable_at(steps: int, rate: float) -> str:
+    """The refusal for UNREACHABLE at one client's (steps, sample rate): Opacus' search, the size it used."""
+    return rf"defenses\[0\] \(dp_sgd\): target_epsilon=0.0001 is unreachable in {steps} steps at sample rate {rate:.3g} "
+
+
+def test_an_unreachable_target_epsilon_is_refused_on_the_built_data_before_any_run(tiny, tmp_path):
+    """Loading cannot know the clients' sizes; Plan.check_data (run, sweep, validate) sees the built data."""
+    tiny["defenses"] = [{"name": "dp_sgd", **UNREACHABLE}]
+    plan = load_plan(tiny)
+    fed = tiny["federation"]  # 16 examples a client (canaries add to some): q = 4/16, 2 steps × 2 rounds
+    refusal = unreachable_at(fed["local_steps"] * fed["rounds"], fed["batch_size"] / 16)
+    with pytest.raises(ScenarioError, match=refusal):
+        plan.check_data(build_federated_data(plan.scenario))
+    with pytest.raises(ScenarioError, match=refusal):
+        fedsec_bench.run(tiny)
+    assert not (tmp_path / "runs").exists(), "refused before any run is recorded"
+
+
+def write_user_records(path: Path, sizes: dict[str, int]) -> None:
+    """A jsonl of instruction records, ``sizes[user]`` of them per user, each record distinct."""
+    rows = [{"user": user, "instruction": f"what did {user} note as item {i} ?", "output": f"{user} noted {i} apples ."}
+            for user, count in sizes.items() for i in range(count)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_file_data_is_checked_at_each_users_real_size_by_validate(tiny, tmp_path, capsys):
+    """A natural partition by user: clients of very different sizes, known only once the files are read.
+    ``fedsec validate`` refuses with the smallest client's own steps and sample rate (exit code 2)."""
+    records = tmp_path / "records.jsonl"
+    write_user_records(records, {"ann": 40, "bob": 12, "cy": 12, "dee": 12})
+    tiny["data"] = {"source": "files", "path": str(records), "format": "instruction", "seq_len": 32,
+                    "heldout_examples": 4, "public_examples": 12, "partition": {"method": "natural", "by": "user"}}
+    tiny["federation"].update(num_clients=2, clients_per_round=2, local_steps=None, local_epochs=1)
+    tiny["defenses"] = [{"name": "dp_sgd", **UNREACHABLE}]
+    data = build_federated_data(load_scenario(tiny))
+    smallest, largest = sorted(data.num_examples(c) for c in range(data.num_clients))
+    assert largest >= 2 * smallest, "the users' sizes differ: no nominal size stands for them"
+    steps = tiny["federation"]["rounds"] * math.ceil(smallest / 4)  # one epoch of batches of 4, each round
+    scenario = tmp_path / "scenario.yaml"
+    scenario.write_text(yaml.safe_dump(tiny))
+    assert fedsec(["validate", str(scenario)]) == 2
+    assert re.search(unreachable_at(steps, 4 / smallest), capsys.readouterr().err)
+    assert fedsec(["validate", str(scenario), "--set", "defenses.0.target_epsilon=8"]) == 0
 
 
 def test_ready_scenario_loads():

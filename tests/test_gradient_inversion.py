@@ -27,7 +27,7 @@ from fedsec_bench.attacks.gradient_inversion.span_check import span_check
 from fedsec_bench.attacks.gradient_inversion.token_leak import token_leak
 from fedsec_bench.client import client_round
 from fedsec_bench.data import build_federated_data
-from fedsec_bench.data.batching import Batcher
+from fedsec_bench.data.batching import Batcher, Encoded
 from fedsec_bench.errors import ScenarioError
 from fedsec_bench.messages import ClientContext, Message, RoundContext
 from fedsec_bench.plugins import HookChain
@@ -73,7 +73,7 @@ def world(model_dir, tmp_path_factory):
 
 def first_batch(rt, client_id: int, rnd: int) -> list[list[int]]:
     """The client's FedSGD batch as the core draws it, each sequence without its appended end-of-text."""
-    loader = rt.batcher.loader(rt.data.client_texts(client_id), seed=rt.seed_for(rnd, client_id))
+    loader = rt.batcher.loader(rt.data.client_examples(client_id), seed=rt.seed_for(rnd, client_id))
     batch = next(iter(loader))
     seqs = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
     assert all(s[-1] == rt.tokenizer.eos_token_id for s in seqs), "a sequence was truncated; shorten the data"
@@ -83,7 +83,7 @@ def first_batch(rt, client_id: int, rnd: int) -> list[list[int]]:
 def observe(rt, batch_size: int, client_id: int = 0, rnd: int = 1):
     """One client's FedSGD message from the initial global state, as the server receives it."""
     rt.scenario.federation.batch_size = batch_size
-    rt.batcher = Batcher(rt.tokenizer, SEQ_LEN, batch_size)
+    rt.batcher = Batcher(rt.tokenizer, rt.scenario.data.seq_len, batch_size)
     global_state = rt.trainable.snapshot()
     ctx = ClientContext(client_id, rnd, rt.seed_for(rnd, client_id), rt)
     message, _ = client_round(ctx, global_state, HookChain([]))
@@ -98,7 +98,7 @@ OPTIONS = GradientInversionOptions(iterations=60, reorder_steps=5, time_budget_s
 def test_fedsgd_pseudo_gradient_is_the_batch_gradient(world):
     """-update/lr after one SGD step is the gradient of the batch loss (computed here by autograd)."""
     view, grad, truth, state = observe(world, 2)
-    batch = Batcher(world.tokenizer, SEQ_LEN, 2).collate([s + [world.tokenizer.eos_token_id] for s in truth])
+    batch = Batcher(world.tokenizer, SEQ_LEN, 2).collate([Encoded(s + [world.tokenizer.eos_token_id], 0, False) for s in truth])
     params = {n: t.clone().requires_grad_(True) for n, t in state.items()}
     loss = torch.func.functional_call(world.model, params, args=(), kwargs=batch).loss
     reference = torch.autograd.grad(loss, list(params.values()))
@@ -184,10 +184,11 @@ def test_several_local_steps_are_a_pseudo_gradient_over_every_batch_seen(world):
     world.batcher = Batcher(world.tokenizer, SEQ_LEN, 2)
     try:
         round = RoundContext(round=3, runtime=world, sampled=[1], global_state={})
-        loader = world.batcher.loader(world.data.client_texts(1), seed=world.seed_for(3, 1))
+        loader = world.batcher.loader(world.data.client_examples(1), seed=world.seed_for(3, 1))
         batches = [b for _, b in zip(range(2), loader)]
         expected = [ids[mask.bool()].tolist()[:-1] for b in batches for ids, mask in zip(b["input_ids"], b["attention_mask"])]
-        assert trained_sequences(round, 1) == expected
+        truth = trained_sequences(round, 1)
+        assert [s.ids for s in truth] == expected and all(all(s.is_response) for s in truth)  # a text is all response
         assert not exact_gradient(fed, [8]) and exact_gradient(fed.model_copy(update={"local_steps": 1}), [8])
     finally:
         fed.local_steps = 1
@@ -214,6 +215,7 @@ def test_fedsgd_run_logs_scores_and_the_side_by_side_table(model_dir, tmp_path):
     table = pd.read_csv(result.run_dir / "artifacts" / "inversion_table.csv")
     assert table["client"].astype(str).tolist() == ["0", "1"]
     assert (table["true_text"] == table["reconstructed_text"]).all()
+    assert not any(name in row for name in metrics.PART_FIGURES)  # plain text has no prompt part
 
 
 @pytest.mark.parametrize("sigma", [0.0, 1.0])
@@ -266,6 +268,83 @@ def test_prompt_mode_refuses_layer_methods_and_optimization_recovers_less(model_
     row = fedsec_bench.run(raw).metrics.loc[1]
     print(f"prompt-mode optimization rouge1={row['inversion.rouge1']:.3f}")
     assert row["inversion.rouge1"] < 0.5  # full mode reaches >= 0.8 with this budget (test above)
+
+
+# --- instruction data: the whole rendered sequence, scored by part -----------------
+
+PROMPTED_LEN = 64
+INSTRUCTION_DATA = {"format": "instruction", "examples_per_client": 8, "heldout_examples": 64,
+                    "seq_len": PROMPTED_LEN, "canaries": {"count": 0}}
+
+
+@pytest.fixture(scope="module")
+def prompted_world(model_dir, tmp_path_factory):
+    """A full-mode runtime on the synthetic instruction corpus; the loss is on response tokens only."""
+    sc = load_scenario(scenario(model_dir, data=INSTRUCTION_DATA))
+    return build_runtime(sc, build_federated_data(sc), torch.device("cpu"), tmp_path_factory.mktemp("art"))
+
+
+def test_truth_marks_exactly_the_response_tokens_whatever_train_on_prompt_says(prompted_world):
+    """The ground truth is the whole rendered record; its response mark is the response's own tokens
+    (tokenized apart, as the batcher does), the rest the rendered prompt (its tail, if it was cut)."""
+    rt = prompted_world
+    observe(rt, 2)
+    round = RoundContext(round=1, runtime=rt, sampled=[0], global_state={})
+    truth = trained_sequences(round, 0)
+    records = {tuple(rt.batcher.tokens([e.response])[0]): rt.batcher.tokens([rt.batcher.renderer.render(e)])[0]
+               for e in rt.data.client_examples(0)}
+    assert len(truth) == 2
+    for seq in truth:
+        response = tuple(t for t, r in zip(seq.ids, seq.is_response) if r)
+        prompt = [t for t, r in zip(seq.ids, seq.is_response) if not r]
+        assert response in records and prompt and records[response][-len(prompt):] == prompt
+        assert seq.is_response == sorted(seq.is_response)  # the prompt, then the response
+    rt.batcher.train_on_prompt = True
+    try:
+        assert trained_sequences(round, 0) == truth
+    finally:
+        rt.batcher.train_on_prompt = False
+
+
+def test_part_recalls_count_each_part_on_its_own_positions(prompted_world):
+    observe(prompted_world, 2)
+    round = RoundContext(round=1, runtime=prompted_world, sampled=[0], global_state={})
+    truth = trained_sequences(round, 0)
+    prompt, response = metrics.part_tokens(truth, response=False), metrics.part_tokens(truth, response=True)
+    assert prompt - response and response - prompt, "the premise: each part has tokens of its own"
+    only_response = metrics.part_recalls(truth, [sorted(response)])
+    assert only_response["response_token_recall"] == 1.0
+    assert only_response["prompt_token_recall"] == len(prompt & response) / len(prompt) < 1.0
+    only_prompt = metrics.part_recalls(truth, [sorted(prompt)])
+    assert only_prompt["prompt_token_recall"] == 1.0
+    assert only_prompt["response_token_recall"] == len(prompt & response) / len(response) < 1.0
+
+
+def test_token_leak_reads_the_prompt_tokens_the_loss_masks_out(prompted_world):
+    """Prompt tokens get no loss but are inputs: their embedding rows get a gradient all the same.
+    Only the output layer's part shrinks, to the N positions that predict a response token."""
+    rt = prompted_world
+    view, grad, batch, _ = observe(rt, 1)
+    truth = trained_sequences(RoundContext(round=1, runtime=rt, sampled=[0], global_state={}), 0)
+    assert [s.ids for s in truth] == batch
+    result = token_leak(view, grad, PROMPTED_LEN, OPTIONS)
+    leaked = sorted(set(result.sequences[0]) - set(rt.tokenizer.all_special_ids))
+    scored = sum(truth[0].is_response) + 1  # each response token and the end-of-text has a predicting position
+    assert result.rank_condition and set(leaked) == set(truth[0].ids)
+    assert result.rank == scored + len(set(truth[0].ids)) and scored < len(truth[0].ids)
+    assert metrics.part_recalls(truth, [leaked]) == {"prompt_token_recall": 1.0, "response_token_recall": 1.0}
+
+
+def test_fedsgd_run_on_instruction_data_scores_prompt_and_response(model_dir, tmp_path):
+    """DAGER recovers the whole rendered sequence, prompt included, and the run says so by part."""
+    raw = scenario(model_dir, batch_size=1, attack={"method": "span_check"}, data=INSTRUCTION_DATA,
+                   eval={"generation_examples": 0})  # answers would run past the model's 64 positions
+    raw["tracking"]["output_dir"] = str(tmp_path)
+    row = fedsec_bench.run(raw).metrics.loc[1]
+    print({name: row[f"inversion.{name}"] for name in ("rouge1", "exact_match", *metrics.PART_FIGURES)})
+    assert row["inversion.attacked_clients"] == 2 and row["inversion.rank_condition"] == 1
+    for name in ("rouge1", "exact_match", "prompt_token_recall", "response_token_recall"):
+        assert row[f"inversion.{name}"] == row[f"inversion.{name}_max"] == 1.0
 
 
 def test_options_are_checked_at_load_time(model_dir):

@@ -1,13 +1,16 @@
 """membership_inference: the ROC figures, the audit math against independent computations, then end to end.
 
 End-to-end runs use a tiny model trained to overfit (full tuning, many passes), one
-run shared by the external- and server-threat checks, so the whole file stays small.
+run shared by the external- and server-threat checks, so the whole file stays small;
+one more on the synthetic instruction corpus checks that prompt/response records are
+scored on their response.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -95,8 +98,6 @@ def test_min_k_zlib_and_loss_scores_by_hand():
     np.testing.assert_allclose(S.loss_score(lps), [-2.125, -3.0])
     np.testing.assert_allclose(S.min_k_score(lps, 0.5), [-3.5, -3.0])  # 2 lowest of 4, 1 of 2
     np.testing.assert_allclose(S.min_k_score(lps, 0.2), [-5.0, -3.0])  # at least one token
-    import zlib
-
     texts = ["aaaa aaaa aaaa", "a quick brown fox"]
     expected = [-2.125 / len(zlib.compress(texts[0].encode())), -3.0 / len(zlib.compress(texts[1].encode()))]
     np.testing.assert_allclose(S.zlib_score(lps, texts), expected)
@@ -218,7 +219,7 @@ def test_the_scores_table_and_roc_curve_are_written(overfit_run):
     artifacts = overfit_run.run_dir / "artifacts"
     table = pd.read_csv(artifacts / "mia_scores.csv")
     assert len(table) == 68 and table.member.sum() == 34
-    planted = {c.text for c in build_federated_data(overfit_run.scenario).canaries}
+    planted = {c.example.response for c in build_federated_data(overfit_run.scenario).canaries}  # text: no prompt
     assert set(table.text[table.member == 1]) >= planted  # planted canaries are members...
     fresh = table.text[(table.member == 0) & table.text.str.startswith("the patient in room")]
     assert len(fresh) == 2 and not set(fresh) & planted  # ...against as many fresh ones
@@ -302,3 +303,102 @@ def test_under_dp_sgd_the_audit_stays_below_the_accountant(tmp_path):
     assert final["privacy.epsilon"] <= 1.0 + 1e-6
     assert final["mia.eps_lower_bound"] <= final["privacy.epsilon"]
     assert abs(final["mia.auc"] - 0.5) <= 0.25
+
+
+# --------------------------------------------------------------------------- instruction data
+PIN = {"prompt": "what is my pin ?", "text": "my pin is {secret} .", "secret": "0937", "format": "####",
+       "repetitions": 1, "client": 0}
+
+
+def _capture_plugin(into: list):
+    """An attack that keeps the runtime at training_end, so a test can read the final model itself."""
+    from fedsec_bench.plugins import Plugin
+
+    class Capture(Plugin):
+        name, kind = "capture_runtime", "attack"
+
+        def training_end(self, runtime):
+            into.append(runtime)
+
+    return Capture
+
+
+@pytest.fixture(scope="module")
+def instruction_run(tmp_path_factory):
+    """The overfit recipe on the synthetic instruction corpus (a BPE of 600 so records fit 80 tokens whole),
+    with built-in and custom canaries; returns the result and the final runtime."""
+    from fedsec_bench import run
+    from fedsec_bench.registry import loaded_plugins
+
+    attacks = [{"name": "membership_inference", "method": ["loss", "zlib", "min_k", "reference"], "canaries": True},
+               {"name": "capture_runtime"}]
+    scenario = overfit_scenario(tmp_path_factory.mktemp("mia_instruction"), attacks)
+    scenario["model"].update(max_positions=80, tokenizer={"kind": "bpe", "vocab_size": 600})
+    scenario["data"].update(format="instruction", seq_len=80)
+    scenario["data"]["canaries"]["custom"] = [PIN]
+    captured: list = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(loaded_plugins(), "capture_runtime", _capture_plugin(captured))
+        result = run(scenario)
+    return result, captured[0]
+
+
+def logprob_means(runtime, examples) -> tuple[np.ndarray, np.ndarray]:
+    """From the final model's logits, independently of the batcher: per example, the mean log-prob of
+    its response tokens (EOS included) given the prompt and the response before them, and the mean
+    over every token after the first (what scoring the prompt too would give). The prompt is rendered
+    and the response tokenized apart, as the batcher documents."""
+    import torch
+
+    from fedsec_bench.lm import evaluating
+
+    tok, renderer = runtime.tokenizer, runtime.batcher.renderer
+    response_means, whole_means = [], []
+    with torch.no_grad(), evaluating(runtime.model):
+        for example in examples:
+            prompt = tok(renderer.render(example), add_special_tokens=False)["input_ids"]
+            ids = prompt + tok(example.response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            logp = torch.log_softmax(runtime.model(input_ids=torch.tensor([ids])).logits[0].double(), dim=-1)
+            next_token = logp[:-1].gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)  # position t: token t+1
+            response_means.append(next_token[len(prompt) - 1 :].mean().item())
+            whole_means.append(next_token.mean().item())
+    return np.array(response_means), np.array(whole_means)
+
+
+def test_on_instruction_data_each_score_is_the_response_given_its_prompt(instruction_run):
+    """The loss score of every ordinary member and non-member is the mean log-prob of its response
+    tokens given its prompt, recomputed from the final model's logits; zlib divides it by the
+    response's compressed size. Scoring the prompt too would give other figures."""
+    import pandas as pd
+
+    result, runtime = instruction_run
+    assert result.final["data.truncated_examples"] == 0  # so the recomputation needs no truncation rule
+    table = pd.read_csv(result.run_dir / "artifacts" / "mia_scores.csv")
+    known = {runtime.batcher.renderer.full_text(e): e for e in runtime.data.pool + runtime.data.heldout}
+    rows = table[table.text.isin(set(known))]
+    examples = [known[t] for t in rows.text]
+    assert len(rows) == 64 and all(e.is_prompted for e in examples)  # 32 members, 32 non-members
+    response, whole = logprob_means(runtime, examples)
+    np.testing.assert_allclose(rows["loss"], response, rtol=1e-5)
+    entropy = np.array([len(zlib.compress(e.response.encode())) for e in examples])
+    np.testing.assert_allclose(rows["zlib"], response / entropy, rtol=1e-5)
+    assert np.abs(whole - response).min() > 0.05
+
+
+def test_an_overfit_model_leaks_membership_of_instruction_records(instruction_run):
+    """Members are the two clients' 32 records and their 3 canaries (2 built-in questions, the custom
+    pin), against as many held-out records and fresh canaries: the custom one is the same question
+    with another pin."""
+    import pandas as pd
+
+    result, runtime = instruction_run
+    final = result.final
+    assert final["mia.num_samples"] == 35
+    assert final["mia.loss.auc"] >= 0.8 and final["mia.reference.auc"] >= 0.8
+    table = pd.read_csv(result.run_dir / "artifacts" / "mia_scores.csv")
+    pins = table[table.text.str.contains("what is my pin ?")]
+    assert sorted(pins.member) == [0, 1]
+    assert pins.text[pins.member == 1].str.endswith("my pin is 0937 .").all()
+    assert not pins.text[pins.member == 0].str.contains("0937").any()
+    questions = table[table.text.str.contains("who is the patient in room")]
+    assert sorted(questions.member) == [0, 0, 1, 1]

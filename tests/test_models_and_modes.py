@@ -19,7 +19,7 @@ ARCHS = ["gpt2", "llama"]
 def build(raw, *overrides):
     scenario = load_scenario(raw, list(overrides))
     data = build_federated_data(scenario)
-    tokenizer = make_tokenizer(scenario.model, data.public)
+    tokenizer = make_tokenizer(scenario.model, data.public_texts())
     return scenario, tokenizer, make_model(scenario.model, tokenizer, scenario.seed)
 
 
@@ -49,11 +49,12 @@ def test_byte_tokenizer_has_one_symbol_per_byte(tiny):
     assert model.get_input_embeddings().num_embeddings == BYTE_VOCAB
 
 
-def test_bpe_tokenizer_is_trained_on_the_public_split_only(tiny):
-    scenario, tokenizer, _ = build(tiny, "data.canaries.count=4", "model.tokenizer.vocab_size=400")
+@pytest.mark.parametrize("format", ["text", "instruction"])
+def test_bpe_tokenizer_is_trained_on_the_public_split_only(tiny, format):
+    scenario, tokenizer, _ = build(tiny, "data.canaries.count=4", "model.tokenizer.vocab_size=400", f"data.format={format}")
     data = build_federated_data(scenario)
     learned = {t for t in tokenizer.get_vocab() if len(t) > 1}
-    public_text = " ".join(data.public)
+    public_text = " ".join(data.public_texts())
     # every merge was seen in the public split; client data and canary secrets never shaped it
     assert all(tokenizer.convert_tokens_to_string([t]) in public_text for t in learned if t != "<|endoftext|>")
 
@@ -99,6 +100,7 @@ def test_each_mode_learns_and_reports_bytes_sent(tiny, pretrained_tiny, mode):
     tiny["model"] = {"name_or_path": pretrained_tiny}
     tiny["tuning"] = {"mode": mode, "lora": {"r": 4, "alpha": 8, "target_modules": ["c_attn", "c_proj", "c_fc"]}}
     tiny["federation"].update(rounds=3, local_steps=5, lr={"full": 0.003, "lora": 0.01, "prompt": 0.1}[mode])
+    tiny["eval"] = {"max_examples": "all"}  # every held-out example: the improvement is small at this size
     result = fedsec_bench.run(tiny)
     loss = result.metrics["utility.eval_loss"]
     assert loss.iloc[-1] < loss.iloc[0] - 0.02, loss.tolist()  # utility improves over rounds

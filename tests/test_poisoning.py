@@ -4,6 +4,7 @@ texts, the attack success rate, and the backdoor must-hold end to end."""
 from __future__ import annotations
 
 import copy
+import random
 import re
 from statistics import NormalDist
 from types import SimpleNamespace
@@ -17,7 +18,7 @@ from fedsec_bench.attacks import backdoor as bd
 from fedsec_bench.attacks import model_poisoning as mp
 from fedsec_bench.attacks.poisoning import malicious_ids
 from fedsec_bench.ground_truth import MALICIOUS_KEY
-from fedsec_bench.data import build_federated_data
+from fedsec_bench.data import build_federated_data, instruction_example, text_example
 from fedsec_bench.errors import ScenarioError
 from fedsec_bench.lm import greedy_continuations
 from fedsec_bench.messages import ClientContext, Message, RoundContext
@@ -134,29 +135,82 @@ def runtime(tiny, tmp_path):
 
 def test_backdoor_texts_carry_trigger_and_target_within_seq_len(runtime):
     attack = make(bd.Backdoor, runtime.scenario, runtime, clients=[1], trigger="cf", target="buy now")
-    texts = runtime.data.client_texts(1)
-    poisoned = attack.client_data(client(1, runtime=runtime), texts)
-    marked = [t for t in poisoned if t.endswith(" cf buy now")]
-    assert len(marked) == round(0.5 * len(texts)) and len(poisoned) == len(texts)
-    assert all(attack.num_tokens(t) < runtime.batcher.seq_len for t in marked)
-    assert attack.client_data(client(2, runtime=runtime), texts) is texts
-    assert len(attack.prompts) == len(runtime.data.heldout) and all(p.endswith(" cf") for p in attack.prompts)
+    examples = runtime.data.client_examples(1)
+    poisoned = attack.client_data(client(1, runtime=runtime), examples)
+    marked = [e.response for e in poisoned if e.response.endswith(" cf buy now")]
+    assert len(marked) == round(0.5 * len(examples)) and len(poisoned) == len(examples)
+    assert all(not e.is_prompted for e in poisoned)
+    assert all(len(runtime.tokenizer(t)["input_ids"]) < runtime.batcher.seq_len for t in marked)
+    assert attack.client_data(client(2, runtime=runtime), examples) is examples
+    prompts = [runtime.tokenizer.decode(ids) for ids in attack.prompts]
+    assert len(prompts) == len(runtime.data.heldout) and all(p.endswith(" cf") for p in prompts)
 
 
 def test_label_flip_substitutes_whole_words_only(runtime):
     attack = make(bd.LabelFlip, runtime.scenario, runtime, clients=[0], mapping={"rain": "snow", "the": "a"})
-    out = attack.client_data(client(0, runtime=runtime), ["the rain over the rainbow", "theatre"])
-    assert out == ["a snow over a rainbow", "theatre"]
+    out = attack.client_data(client(0, runtime=runtime), [text_example("the rain over the rainbow"), text_example("theatre")])
+    assert out == [text_example("a snow over a rainbow"), text_example("theatre")]
 
 
 def test_attack_success_is_the_share_of_greedy_continuations_that_start_with_the_target(runtime):
     """A target counts when the continuation starts with it, leading spaces ignored; greedy
     decoding itself is tested in test_lm.py."""
-    prompts = ["the rain", "we saw the old", "a", "in the"]
+    prompts = runtime.batcher.tokens(["the rain", "we saw the old", "a", "in the"])
     continuations = greedy_continuations(runtime.model, runtime.tokenizer, prompts, 5, runtime.device)
     hits = [c.lstrip()[:3] for c in continuations[:2]]
     assert all(hits), continuations
     assert bd.success_rate(runtime, prompts, hits + ["\x00never", "\x00never"]) == 0.5
+
+
+# --------------------------------------------------------------------------- instruction data
+
+
+@pytest.fixture
+def prompted(tiny, tmp_path):
+    """The synthetic instruction corpus on the tiny model, every record fitting in seq_len."""
+    tiny["tuning"] = {"mode": "full"}
+    tiny["model"].update(max_positions=128, tokenizer={"kind": "bpe", "vocab_size": 512})
+    tiny["data"].update(format="instruction", seq_len=64)
+    scenario = load_scenario(tiny)
+    return build_runtime(scenario, build_federated_data(scenario), torch.device("cpu"), tmp_path)
+
+
+def test_backdoor_on_instruction_data_triggers_the_instruction_and_answers_the_target(prompted):
+    attack = make(bd.Backdoor, prompted.scenario, prompted, clients=[1], trigger="cf", target="buy now")
+    examples = prompted.data.client_examples(1)
+    poisoned = attack.client_data(client(1, runtime=prompted), examples)
+    changed = [(old, new) for old, new in zip(examples, poisoned) if new != old]
+    assert len(changed) == round(0.5 * len(examples))
+    for old, new in changed:
+        words = new.instruction.split(" ")
+        assert words.count("cf") == 1 and new.response == "buy now"
+        words.remove("cf")  # the rest of the instruction is the original's (its tail, had it not fitted)
+        assert old.instruction.endswith(" ".join(words)) and new.prompt[:-1] == old.prompt[:-1]
+    assert not any(e.truncated for e in prompted.batcher.encode([new for _, new in changed]))
+    long = instruction_example(" ".join(["describe the rain today ."] * 12), "the rain arrives .")
+    assert prompted.batcher.encode([long])[0].truncated, "the premise: a record too long for seq_len"
+    cut = attack.poisoned(long, random.Random(0))
+    assert not prompted.batcher.encode([cut])[0].truncated and "cf" in cut.instruction.split(" ")
+    assert long.instruction.endswith(" ".join(w for w in cut.instruction.split(" ") if w != "cf"))
+    prompts = [prompted.tokenizer.decode(ids) for ids in attack.prompts]
+    assert len(prompts) == len(prompted.data.heldout)
+    assert all("cf" in p.split("### Assistant:")[0].split() and p.endswith("### Assistant:\n") for p in prompts)
+
+
+WORD_THE = r"(?<!\S)the(?!\S)"
+
+
+def test_label_flip_on_instruction_data_changes_only_responses(prompted):
+    attack = make(bd.LabelFlip, prompted.scenario, prompted, clients=[0], mapping={"the": "a"})
+    examples = prompted.data.client_examples(0)
+    flipped = attack.client_data(client(0, runtime=prompted), examples)
+    assert [e.prompt for e in flipped] == [e.prompt for e in examples]
+    assert [e.response for e in flipped] == [re.sub(WORD_THE, "a", e.response) for e in examples]
+    assert any(" the " in e.instruction for e in examples) and any(f != e for f, e in zip(flipped, examples))
+    # the held-out prompts: the rendered prompt, then the response's words before its first "the"
+    probes = [e for e in prompted.data.heldout if re.search(WORD_THE, e.response)]
+    expected = prompted.batcher.prompt_ids(probes, [re.split(WORD_THE, e.response)[0].rstrip() for e in probes])
+    assert attack.prompts == expected and attack.targets == ["a"] * len(probes)
 
 
 # --------------------------------------------------------------------------- end to end
@@ -211,3 +265,22 @@ def test_scaled_backdoor_succeeds_under_fedavg_and_norm_bound_cuts_it(tiny):
     report = {"control": control, "fedavg": attacked, "norm_bound": bounded, "norm_bound+noise": noisy}
     assert control <= 0.1 and attacked >= 0.75, report
     assert bounded <= attacked / 2 and noisy <= attacked / 2, report
+
+
+def test_scaled_backdoor_on_instruction_data_raises_the_asr_over_the_clean_run(tiny):
+    """The same single-shot model replacement on the instruction corpus, half of the attacker's
+    records triggered: the triggered held-out prompts are answered with the target, where the
+    same run without the attack (its window past the last round) answers none of them so."""
+    def asr(rounds):
+        s = backdoor_scenario(tiny, "fedavg")
+        s["model"].update(max_positions=128, tokenizer={"kind": "bpe", "vocab_size": 512})
+        s["data"].update(format="instruction", seq_len=64)
+        s["eval"] = {"generation_examples": 0}
+        for attack in s["attacks"]:
+            attack["rounds"] = rounds
+        s["attacks"][0]["poison_fraction"] = 0.5
+        return fedsec_bench.run(s).final["poison.backdoor_asr"]
+
+    clean, attacked = asr([3, 3]), asr([2, 2])
+    print(f"instruction backdoor asr: clean={clean:.3f} attacked={attacked:.3f}")
+    assert clean <= 0.1 and attacked >= 0.5, {"clean": clean, "attacked": attacked}

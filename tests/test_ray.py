@@ -62,7 +62,8 @@ COMBINATIONS = {
                       "count_noise": 0.5}],
         "federation": {"sampling": "poisson", "clients_per_round": 3},
     },
-    "backdoor+he_aggregation": {
+    "backdoor+he_aggregation on instruction data": {  # workers render and mask prompts exactly as the driver
+        "data": {"format": "instruction", "seq_len": 64},
         "attacks": [{"name": "backdoor", "clients": [0, 1], "trigger": "zq", "target": "yes"}],
         "defenses": [{"name": "he_aggregation"}],
         "federation": {"clients_per_round": 3},
@@ -81,6 +82,7 @@ def test_ray_gives_the_same_figures_as_local(tiny, ray_instance, combination):
     extra = COMBINATIONS[combination]
     tiny["attacks"], tiny["defenses"] = extra.get("attacks", []), extra["defenses"]
     tiny["federation"] |= extra["federation"] | {"rounds": 3}
+    tiny["data"] |= extra.get("data", {})
     local = run(tiny)
     distributed = run(on_ray(tiny))
     rtol, randomised = extra.get("rtol", 0.0), extra.get("randomised", ())

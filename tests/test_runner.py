@@ -8,6 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import fedsec_bench
+from fedsec_bench.data import text_example
 from plugin_fixtures import Recorder
 
 
@@ -142,7 +143,7 @@ def test_local_training_reshuffles_every_epoch(tiny):
     from fedsec_bench.models import train_byte_level_bpe
 
     tokenizer = train_byte_level_bpe(["a b c"], 260)
-    loader = Batcher(tokenizer, 8, 2).loader([f"text {i}" for i in range(20)], seed=0)
+    loader = Batcher(tokenizer, 8, 2).loader([text_example(f"text {i}") for i in range(20)], seed=0)
     batches = epochs(loader)
     first = [next(batches)["input_ids"].tolist() for _ in range(10)]
     second = [next(batches)["input_ids"].tolist() for _ in range(10)]

@@ -14,6 +14,13 @@ logged for it. When no individual update was readable, the attack is run once on
 the aggregate the server does learn (``inversion.aggregate.*``), scored against the
 union of the sampled clients' batches. Every attacked batch is written, true and
 reconstructed text side by side, to ``inversion_table.csv`` in the run's artifacts.
+
+On prompt/response data the loss is on response tokens only, but prompt tokens are
+inputs (embedding rows, attention), so they leave gradients too: the attack rebuilds
+the whole rendered sequence, as it does a plain text, knowing nothing of where a prompt
+ends. The score adds token recall on the prompt positions and on the response positions
+(``inversion.prompt_token_recall``, ``inversion.response_token_recall``), split by the
+simulator's truth (ground_truth.py) after the attack has run.
 """
 
 from __future__ import annotations
@@ -67,6 +74,8 @@ class GradientInversion(Plugin):
     name = "gradient_inversion"
     kind = "attack"
     summary = "honest-but-curious server reconstructs client text from updates (token_leak, optimization, span_check)"
+    on_instruction_data = ("reconstructs the whole rendered sequence (prompt tokens are inputs, so they leak even when "
+                           "masked out of the loss); scored overall and on prompt and response positions apart")
     OptionsModel = GradientInversionOptions
 
     def __init__(self, options, runtime):
@@ -136,13 +145,16 @@ class GradientInversion(Plugin):
         started = time.perf_counter()
         result = self._run_method(view, grad, batch, seed)
         seconds = time.perf_counter() - started
-        special = set(rt.tokenizer.all_special_ids)  # the batcher adds them: structure, not private text
+        special = set(rt.tokenizer.all_special_ids)  # the batcher and chat templates add them: structure, not private text
         guess = [[t for t in seq if t not in special] for seq in result.sequences]
-        figures, true_text, guess_text = metrics.score(rt.tokenizer, truth, guess)
+        true_ids = [seq.ids for seq in truth]
+        figures, true_text, guess_text = metrics.score(rt.tokenizer, true_ids, guess)
+        if rt.scenario.data.is_prompted:
+            figures |= metrics.part_recalls(truth, guess)
         row = {
             "round": round.round, "client": clients[0] if len(clients) == 1 else "aggregate",
             "method": self.options.method, **figures,
-            "baseline_rouge1": metrics.random_baseline(rt.tokenizer, truth, np.random.default_rng(seed)),
+            "baseline_rouge1": metrics.random_baseline(rt.tokenizer, true_ids, np.random.default_rng(seed)),
             "seconds": seconds, "applicable": float(result.applicable), "rank": result.rank,
             "rank_condition": None if result.rank_condition is None else float(result.rank_condition),
             **result.notes, "true_text": true_text, "reconstructed_text": guess_text,

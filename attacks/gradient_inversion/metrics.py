@@ -5,6 +5,10 @@
   ROUGE-1 (the server does not know the batch order) and then concatenated.
 * token precision / recall: the reconstructed set of token ids against the true set.
 * exact match: the fraction of true sequences reconstructed token for token.
+* prompt / response token recall (prompt/response data only): token recall against the
+  tokens at the true batch's prompt positions, and at its response positions. The attack
+  rebuilds whole rendered sequences without knowing where a prompt ends, so a part has
+  no precision of its own; the split comes from the simulator's truth, never the attack.
 * the random-token baseline: ROUGE-1 of uniformly random tokens of the true lengths,
   the floor an attack that learns nothing reaches.
 """
@@ -16,6 +20,10 @@ from rouge_score import rouge_scorer
 from scipy.optimize import linear_sum_assignment
 
 ROUGE = ("rouge1", "rouge2", "rougeL")
+FIGURES = (*ROUGE, "token_precision", "token_recall", "exact_match")
+PARTS = {"prompt": False, "response": True}
+"""The parts of a prompt/response sequence, by the ``is_response`` mark of their positions."""
+PART_FIGURES = tuple(f"{part}_token_recall" for part in PARTS)
 _SCORER = rouge_scorer.RougeScorer(list(ROUGE), use_stemmer=False)
 
 
@@ -38,16 +46,36 @@ def score(tokenizer, truth: list[list[int]], guess: list[list[int]]) -> tuple[di
     true_texts = decode(tokenizer, truth)
     true_text, guess_text = " | ".join(true_texts), " | ".join(pair(true_texts, decode(tokenizer, guess)))
     rouge = _SCORER.score(true_text, guess_text)
-    true_set, guess_set = {t for s in truth for t in s}, {t for s in guess for t in s}
-    hit = len(true_set & guess_set)
+    true_set, guess_set = token_set(truth), token_set(guess)
     exact = sum(1 for seq in truth if seq in guess)
     figures = {
         **{name: rouge[name].fmeasure for name in ROUGE},
-        "token_precision": hit / len(guess_set) if guess_set else 0.0,
-        "token_recall": hit / len(true_set) if true_set else 0.0,
+        "token_precision": recall(guess_set, true_set),
+        "token_recall": recall(true_set, guess_set),
         "exact_match": exact / len(truth) if truth else 0.0,
     }
     return figures, true_text, guess_text
+
+
+def part_recalls(truth, guess: list[list[int]]) -> dict[str, float]:
+    """Token recall on the prompt positions and on the response positions of the true sequences
+    (:class:`~.ground_truth.TrueSequence`)."""
+    guess_set = token_set(guess)
+    return {f"{part}_token_recall": recall(part_tokens(truth, response), guess_set) for part, response in PARTS.items()}
+
+
+def part_tokens(truth, response: bool) -> set[int]:
+    """The token ids at the response positions (``response``) or at the prompt positions of the sequences."""
+    return {t for s in truth for t, r in zip(s.ids, s.is_response) if r == response}
+
+
+def token_set(sequences: list[list[int]]) -> set[int]:
+    return {t for s in sequences for t in s}
+
+
+def recall(wanted: set[int], found: set[int]) -> float:
+    """Share of ``wanted`` in ``found`` (0 when nothing is wanted); precision is recall with the roles swapped."""
+    return len(wanted & found) / len(wanted) if wanted else 0.0
 
 
 def random_baseline(tokenizer, truth: list[list[int]], rng: np.random.Generator) -> float:
@@ -60,9 +88,10 @@ def random_baseline(tokenizer, truth: list[list[int]], rng: np.random.Generator)
 
 
 def summarize(rows: list[dict], prefix: str) -> dict[str, float]:
-    """Mean (``prefix.name``) and max (``prefix.name_max``) of each figure over the attacked clients."""
+    """Mean (``prefix.name``) and max (``prefix.name_max``) of each figure over the attacked clients
+    (the prompt/response figures when the rows have them)."""
     out: dict[str, float] = {}
-    for name in (*ROUGE, "token_precision", "token_recall", "exact_match"):
+    for name in (*FIGURES, *(n for n in PART_FIGURES if n in rows[0])):
         values = [r[name] for r in rows]
         out[f"{prefix}.{name}"] = float(np.mean(values))
         out[f"{prefix}.{name}_max"] = float(np.max(values))

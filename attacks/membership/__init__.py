@@ -1,24 +1,26 @@
-"""``membership_inference``: was this text in the training data? Attacks on the final model or on one client's update.
+"""``membership_inference``: was this example in the training data? Attacks on the final model or one client's update.
 
 Threat models (option ``threat``):
 
 - ``external``: black-box access to the final global model's per-token log-probs
-  (``training_end``). Members are the training texts of clients that took part in at
-  least one round; non-members are held-out texts of the same distribution.
+  (``training_end``). Members are the training examples of clients that took part in
+  at least one round; non-members are held-out examples of the same distribution.
 - ``server``: the honest-but-curious server in round ``attack_round``. From the
   target client's plain message it rebuilds the client's local model (global + update)
-  and attacks that client's texts. When the payload is not plain tensors (encrypted or
+  and attacks that client's examples. When the payload is not plain tensors (encrypted or
   masked aggregation) or the target sent nothing, it only has what it really holds: the
   model after aggregation; ``mia.server.update_readable`` says which.
 
 Methods (option ``method``, one name or a list): ``loss``, ``zlib``, ``min_k``,
 ``reference``, ``lira``, ``lira_offline``, ``rmia``, ``rmia_offline``; see
 :mod:`.scores` for each definition and :mod:`.shadow` for the reference/shadow models.
+
+On prompt/response data every score is taken on the tokens training took its loss on:
+the response given its prompt (the prompt too with ``data.train_on_prompt``).
 """
 
 from __future__ import annotations
 
-import random
 import time
 from contextlib import contextmanager
 from typing import Literal
@@ -27,12 +29,13 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator
 
-from fedsec_bench.data.synthetic import make_canaries
+from fedsec_bench.data import Example
 from fedsec_bench.messages import Message, RoundContext, State
 from fedsec_bench.plugins import Options, Plugin
 
 from . import scores as S
 from .audit import eps_lower_bound
+from .canaries import format_space, fresh_canaries
 from .roc import auc, plot_roc, roc_curve, tpr_at_fpr
 from .shadow import reference_logprobs, shadow_statistics, using_state
 
@@ -49,7 +52,7 @@ class MembershipOptions(Options):
     )
     threat: Literal["external", "server"] = "external"
     num_samples: int | None = Field(
-        None, ge=2, description="Ordinary member texts, and as many non-members; default: as many as the data allow."
+        None, ge=2, description="Ordinary member examples, and as many non-members; default: as many as the data allow."
     )
     canaries: bool = Field(
         False, description="Also attack the target clients' planted canaries, against as many fresh ones (non-members)."
@@ -74,6 +77,7 @@ class MembershipInference(Plugin):
     name = "membership_inference"
     kind = "attack"
     summary = "membership inference (loss, zlib, min_k, reference, LiRA, RMIA) with ROC figures and an ε audit"
+    on_instruction_data = "scores the tokens the loss is on (the response given its prompt); zlib on those words"
     OptionsModel = MembershipOptions
     exclusive_by = "threat"  # one entry per threat: list the methods in it (method: [loss, lira, ...])
 
@@ -99,6 +103,9 @@ class MembershipInference(Plugin):
             raise ValueError(
                 "reference/rmia need data.heldout_examples ≥ 4 (half are the attacker's population data)"
             )
+        if options.canaries and any(format_space(c.format).size < 2 for c in scenario.data.canaries.custom):
+            raise ValueError("canaries: a custom canary whose format has no '#' or '@' has no other secret to "
+                             "draw a non-member from; give its format a slot, or set canaries: false")
 
     # --- hooks -------------------------------------------------------------------------
     def server_observation(self, round: RoundContext, messages: list[Message]) -> None:
@@ -129,30 +136,31 @@ class MembershipInference(Plugin):
         return self.attack(runtime.trainable.snapshot(), sorted(self.participants), 0)
 
     # --- the attack ----------------------------------------------------------------------
-    def samples(self, clients: list[int], rng: np.random.Generator) -> tuple[list[str], list[str], list[str]]:
+    def samples(
+        self, clients: list[int], rng: np.random.Generator
+    ) -> tuple[list[Example], list[Example], list[Example]]:
         """(members, non-members, attacker population), each drawn from the same distribution.
 
-        Members: ``num_samples`` distinct ordinary texts of ``clients`` and, with
-        ``canaries``, their planted canaries. Non-members: as many held-out texts and as
-        many fresh canaries of the same kinds (new holder, new secret: canaries that
-        could have been planted but were not). The population, used by reference and
-        rmia only, is the rest of the held-out split and as many fresh canaries again.
+        Members: ``num_samples`` distinct ordinary examples of ``clients`` and, with
+        ``canaries``, their planted canaries (repetitions 0 is a secret inside another
+        record, not a record of its own: not attacked). Non-members: as many held-out
+        examples and as many fresh canaries (:func:`.canaries.fresh_canaries`: canaries
+        that could have been planted but were not). The population, used by reference
+        and rmia only, is the rest of the held-out split and as many fresh canaries again.
         """
         data, opts = self.runtime.data, self.options
         ordinary = list(dict.fromkeys(data.pool[i] for c in clients for i in data.parts[c]))
-        planted = [c for c in data.canaries if c.client_id in clients] if opts.canaries else []
+        planted = [c for c in data.canaries if c.client_id in clients and c.repetitions] if opts.canaries else []
         wants_population = bool(POPULATION_METHODS & set(opts.method))
         heldout = [data.heldout[i] for i in rng.permutation(len(data.heldout))]
         available = len(heldout) // 2 if wants_population else len(heldout)
         n = min(len(ordinary), available, opts.num_samples or len(ordinary))
         if n < 1:
-            raise RuntimeError(f"{self.prefix}: no member texts to attack (did any client train?)")
-        kinds = [c.kind for c in planted]
-        fresh_rng = random.Random(int(rng.integers(2**31)))
-        fresh = [c.text for c in make_canaries(fresh_rng, 2 * len(kinds), kinds, [1], [-1] * 2 * len(kinds))]
-        members = [ordinary[i] for i in rng.choice(len(ordinary), n, replace=False)] + [c.text for c in planted]
-        nonmembers = heldout[:n] + fresh[: len(planted)]
-        population = heldout[n:] + fresh[len(planted) :] if wants_population else []
+            raise RuntimeError(f"{self.prefix}: no member examples to attack (did any client train?)")
+        fresh, spare = fresh_canaries(planted, 2, rng, self.runtime.scenario.data.is_prompted)
+        members = [ordinary[i] for i in rng.choice(len(ordinary), n, replace=False)] + [c.example for c in planted]
+        nonmembers = heldout[:n] + [c.example for c in fresh]
+        population = heldout[n:] + [c.example for c in spare] if wants_population else []
         return members, nonmembers, population
 
     def attack(self, target: State, clients: list[int], key: int) -> dict[str, float]:
@@ -162,6 +170,7 @@ class MembershipInference(Plugin):
         targets = members + nonmembers
         labels = np.r_[np.ones(len(members), bool), np.zeros(len(nonmembers), bool)]
         universe = targets + population
+        texts = S.scored_texts(rt, universe)
 
         seconds: dict[str, float] = {}
         with timed(seconds, "target"), using_state(rt, target):
@@ -177,7 +186,7 @@ class MembershipInference(Plugin):
         results, cost = {}, {}
         for method in opts.method:
             with timed(seconds, method):
-                results[method] = score(method, target_lp, universe, len(targets), models, opts)
+                results[method] = score(method, target_lp, texts, len(targets), models, opts)
             cost[method] = sum(seconds.get(part, 0.0) for part in ("target", method, *needs(method)))
         figures = self.figures(results, labels, cost)
         self.write_artifacts(results, labels, targets, figures)
@@ -209,7 +218,8 @@ class MembershipInference(Plugin):
 
     def write_artifacts(self, results, labels, targets, figures) -> None:
         stem = self.prefix.rstrip(".").replace(".", "_")
-        table = pd.DataFrame({"text": targets, "member": labels.astype(int), **results})
+        texts = [self.runtime.batcher.renderer.full_text(e) for e in targets]  # as the model read it
+        table = pd.DataFrame({"text": texts, "member": labels.astype(int), **results})
         self.runtime.write_table(f"{stem}_scores.csv", table.rename_axis("sample").reset_index())
         curves = {
             f"{m} (AUC {figures[f'{self.prefix}{m}.auc']:.2f})": roc_curve(s, labels)[:2] for m, s in results.items()
@@ -223,13 +233,15 @@ def needs(method: str) -> list[str]:
     return ["shadow models"] if method in SHADOW_METHODS else ["reference model"] if method == "reference" else []
 
 
-def score(method: str, target_lp, universe: list[str], num_targets: int, models: dict, opts) -> np.ndarray:
-    """One method's member scores for the targets (the first ``num_targets`` texts of the universe)."""
+def score(method: str, target_lp, texts: list[str], num_targets: int, models: dict, opts) -> np.ndarray:
+    """One method's member scores for the targets, the first ``num_targets`` of the scored universe.
+
+    ``texts`` are the universe's scored words (:func:`.scores.scored_texts`), what zlib compresses."""
     t = slice(0, num_targets)
     if method == "loss":
         return S.loss_score(target_lp[t])
     if method == "zlib":
-        return S.zlib_score(target_lp[t], universe[t])
+        return S.zlib_score(target_lp[t], texts[t])
     if method == "min_k":
         return S.min_k_score(target_lp[t], opts.min_k)
     if method == "reference":
@@ -237,11 +249,11 @@ def score(method: str, target_lp, universe: list[str], num_targets: int, models:
     mean, total, keep = models["shadows"]
     if method.startswith("lira"):
         return S.lira_score(S.mean_logprob(target_lp)[t], mean[:, t], keep, online=method == "lira")
-    # population texts z were in no shadow's training set: all reference models serve for Pr(z)
+    # population examples z were in no shadow's training set: all reference models serve for Pr(z)
     use_x = np.ones_like(keep) if method == "rmia" else ~keep
-    z = slice(num_targets, len(universe))
+    z = slice(num_targets, len(texts))
     own = S.total_logprob(target_lp)
-    use_z = np.ones((keep.shape[0], len(universe) - num_targets), dtype=bool)
+    use_z = np.ones((keep.shape[0], len(texts) - num_targets), dtype=bool)
     return S.rmia_score(own[t], total[:, t], use_x, own[z], total[:, z], use_z, opts.gamma)
 
 

@@ -14,24 +14,33 @@ import numpy as np
 from scipy.special import logsumexp
 from scipy.stats import norm
 
-from fedsec_bench.data.batching import Batcher
+from fedsec_bench.data import Example
 from fedsec_bench.lm import example_logprobs
 
 SCORING_BATCH = 64
 
 
-def token_logprobs(runtime, texts: list[str]) -> list[np.ndarray]:
-    """log p(token_t | tokens_<t) of every predicted token of each text, under the runtime's model as it is now.
+def token_logprobs(runtime, examples: list[Example]) -> list[np.ndarray]:
+    """log p(token_t | tokens_<t) of every scored token of each example, under the runtime's model as it is now.
 
-    Texts are encoded exactly as in training (the same batcher rules: EOS appended,
-    truncated to ``data.seq_len``), so a member is scored on the sequence it was trained on.
+    Examples go through the run's own batcher (EOS appended, fitted to ``data.seq_len``,
+    the prompt masked unless ``data.train_on_prompt``), so a member is scored on exactly
+    the tokens its training loss was taken on: a plain text's every token, an
+    instruction's response given its prompt.
     """
-    batcher = Batcher(runtime.tokenizer, runtime.scenario.data.seq_len, SCORING_BATCH)
-    return example_logprobs(runtime.model, batcher.loader(texts), runtime.device)
+    return example_logprobs(runtime.model, runtime.batcher.loader(examples, batch_size=SCORING_BATCH), runtime.device)
+
+
+def scored_texts(runtime, examples: list[Example]) -> list[str]:
+    """The words each example's scored tokens spell, for text statistics such as zlib entropy: the
+    response, or with ``data.train_on_prompt`` every word of the record (a plain text is its response)."""
+    if runtime.scenario.data.train_on_prompt:
+        return [e.plain_text() for e in examples]
+    return [e.response for e in examples]
 
 
 def mean_logprob(logprobs: list[np.ndarray]) -> np.ndarray:
-    """Minus the per-token loss of each text: the statistic of the loss attack and of LiRA."""
+    """Minus the per-token loss of each example: the statistic of the loss attack and of LiRA."""
     return np.array([lp.mean() for lp in logprobs])
 
 
@@ -49,7 +58,8 @@ def zlib_score(logprobs: list[np.ndarray], texts: list[str]) -> np.ndarray:
     """Carlini et al. 2021: log-perplexity divided by zlib entropy (bytes of the compressed text).
 
     Dividing by the text's own compressibility discounts texts that are easy for any
-    model; a low ratio flags memorisation. Score = −loss / zlib bytes.
+    model; a low ratio flags memorisation. Score = −loss / zlib bytes. ``texts`` are the
+    words the log-probs were taken on (:func:`scored_texts`), so both sides measure the same.
     """
     entropy = np.array([len(zlib.compress(t.encode("utf-8"))) for t in texts], dtype=np.float64)
     return mean_logprob(logprobs) / entropy

@@ -1,45 +1,71 @@
-"""The federation's data: a pool of examples split among clients, a held-out split, and canaries."""
+"""The federation's data: a pool of examples split among clients, a held-out split, a public split, canaries.
+
+Splits are disjoint by content, not only by row: every copy of a record lands in one
+split (or, with ``data.duplicates: drop``, one copy is kept), so a held-out "non-member"
+is never secretly a member and the tokenizer, trained on the public split, never sees a
+client's record. What was dropped, cut or removed is counted in :attr:`FederatedData.counts`
+and logged with the run (``data.*``).
+"""
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from ..errors import ScenarioError
 from ..scenario import DataConfig, Scenario
-from .partition import partition
-from .sources import read_records
-from .synthetic import Canary, make_canaries, sentences
+from .examples import Example
+from .partition import natural_parts, partition
+from .sources import read_records, to_examples
+from .synthetic import Canary, make_canaries, synthetic_examples
+from .templates import PromptRenderer
+
+FRESH_TRIES = 100
+"""Draws of the synthetic corpus before giving up on finding enough records unseen elsewhere."""
 
 
 @dataclass
 class FederatedData:
-    """Everything the simulation knows about data; a client's texts are assembled on demand."""
+    """Everything the simulation knows about data; a client's examples are assembled on demand."""
 
-    pool: list[str]
+    pool: list[Example]
     parts: list[np.ndarray]
-    heldout: list[str]
+    heldout: list[Example]
     """Non-members from the clients' distribution: utility evaluation and membership attacks."""
-    public: list[str]
+    public: list[Example]
     """Neither members nor held out: what the tokenizer and any pretraining may see."""
     canaries: list[Canary]
+    counts: dict[str, float] = field(default_factory=dict)
+    """Figures about the data itself (data.duplicate_records, data.truncated_examples...), logged at round 0."""
+    users: list[str] | None = None
+    """partition natural: the user behind each client."""
 
     @property
     def num_clients(self) -> int:
         return len(self.parts)
 
-    def client_texts(self, client_id: int) -> list[str]:
-        texts = [self.pool[i] for i in self.parts[client_id]]
+    def client_examples(self, client_id: int) -> list[Example]:
+        examples = [self.pool[i] for i in self.parts[client_id]]
         for canary in self.canaries:
             if canary.client_id == client_id:
-                texts.extend([canary.text] * canary.repetitions)
-        return texts
+                examples.extend([canary.example] * canary.repetitions)
+        return examples
 
     def num_examples(self, client_id: int) -> int:
         planted = sum(c.repetitions for c in self.canaries if c.client_id == client_id)
         return len(self.parts[client_id]) + planted
+
+    def public_texts(self) -> list[str]:
+        """The public split as a tokenizer trained on it reads it: prompts in the built-in template (a
+        trained tokenizer has no chat template of its own), then the response."""
+        renderer = PromptRenderer(None)
+        return [renderer.full_text(e) for e in self.public]
+
+    def members(self) -> list[Example]:
+        """Every client's examples, once each."""
+        return list(dict.fromkeys(e for cid in range(self.num_clients) for e in self.client_examples(cid)))
 
 
 def build_federated_data(scenario: Scenario) -> FederatedData:
@@ -49,48 +75,154 @@ def build_federated_data(scenario: Scenario) -> FederatedData:
     np_rng = np.random.default_rng(scenario.seed)
     try:
         if cfg.source == "synthetic":
-            pool, labels = sentences(rng, fed.num_clients * cfg.examples_per_client, cfg.topics, cfg.difficulty)
-            heldout = fresh_sentences(rng, cfg.heldout_examples, cfg, exclude=set(pool))
-            public = fresh_sentences(rng, cfg.public_examples, cfg, exclude=set(pool) | set(heldout))
+            data = _synthetic(cfg, fed.num_clients, scenario.public_examples, rng, np_rng)
         else:
-            frame = read_records(cfg)
-            order = np_rng.permutation(len(frame))
-            reserved = cfg.heldout_examples + cfg.public_examples
-            if len(frame) <= reserved:
-                raise ValueError(
-                    f"data.heldout_examples + data.public_examples ({reserved}) leave no client data "
-                    f"from {len(frame)} rows"
-                )
-            texts = frame[cfg.text_field].astype(str).tolist()
-            heldout = [texts[i] for i in order[: cfg.heldout_examples]]
-            public = [texts[i] for i in order[cfg.heldout_examples : reserved]]
-            train = order[reserved:]
-            pool = [texts[i] for i in train]
-            labels = frame[cfg.label_field].iloc[train].tolist() if cfg.label_field in frame.columns else None
-            if labels is None and cfg.partition.method == "dirichlet":
-                raise ValueError(f"data.label_field: no column {cfg.label_field!r} for dirichlet partitioning")
-        parts = partition(len(pool), fed.num_clients, cfg.partition, np_rng, labels)
+            data = _from_records(cfg, fed.num_clients, scenario.public_examples, np_rng)
+        if cfg.max_examples_per_client is not None:
+            data.counts["data.capped_examples"] = float(sum(max(0, len(p) - cfg.max_examples_per_client) for p in data.parts))
+            data.parts = [_cap(p, cfg.max_examples_per_client, np_rng) for p in data.parts]
+        data.canaries = _plant(scenario, data, rng)
     except ValueError as exc:
         raise ScenarioError(str(exc)) from None
-    return FederatedData(pool, parts, heldout, public, _plant(scenario, rng))
+    return data
 
 
-def fresh_sentences(rng: random.Random, count: int, cfg: DataConfig, exclude: set[str]) -> list[str]:
-    """Sentences outside ``exclude``: a held-out "non-member" is never secretly a member."""
-    out: list[str] = []
-    while len(out) < count:
-        batch, _ = sentences(rng, count - len(out), cfg.topics, cfg.difficulty)
-        out.extend(s for s in batch if s not in exclude)
-    return out
+def _synthetic(
+    cfg: DataConfig, num_clients: int, public_examples: int, rng: random.Random, np_rng: np.random.Generator
+) -> FederatedData:
+    def draw(count: int):
+        return synthetic_examples(rng, count, cfg.topics, cfg.difficulty, cfg.format)
+
+    pool, labels = draw(num_clients * cfg.examples_per_client)
+    heldout = fresh(draw, cfg.heldout_examples, exclude=set(pool), what="data.heldout_examples")
+    public = fresh(draw, public_examples, exclude=set(pool) | set(heldout), what="data.public_examples")
+    parts = partition(len(pool), num_clients, cfg.partition, np_rng, labels)
+    return FederatedData(pool, parts, heldout, public, canaries=[])
 
 
-def _plant(scenario: Scenario, rng: random.Random) -> list[Canary]:
-    spec, num_clients = scenario.data.canaries, scenario.federation.num_clients
+def fresh(draw, count: int, exclude: set[Example], what: str) -> list[Example]:
+    """``count`` distinct examples outside ``exclude``: a held-out "non-member" is never secretly a member."""
+    out: dict[Example, None] = {}
+    for _ in range(FRESH_TRIES):
+        batch, _ = draw(count - len(out))
+        out.update((e, None) for e in batch if e not in exclude)
+        if len(out) >= count:
+            return list(out)[:count]
+    raise ValueError(
+        f"{what}: the synthetic corpus gave only {len(out)} of {count} records unseen in the other splits after "
+        f"{FRESH_TRIES} draws; raise data.topics, or lower {what} or data.examples_per_client"
+    )
+
+
+def _from_records(cfg: DataConfig, num_clients: int, public_examples: int, np_rng: np.random.Generator) -> FederatedData:
+    frame = read_records(cfg)
+    users = None
+    if cfg.partition.method == "natural":
+        if cfg.partition.by not in frame.columns:
+            raise ValueError(f"data.partition.by: no column {cfg.partition.by!r} in the data "
+                             f"(columns: {', '.join(map(str, frame.columns))})")
+        users = frame[cfg.partition.by].astype(str).tolist()
+    examples = to_examples(frame, cfg)
+    keep = [i for i, e in enumerate(examples) if e is not None]
+    counts = {"data.records": float(len(frame)), "data.empty_records": float(len(frame) - len(keep))}
+    if cfg.duplicates == "drop":
+        first = {}
+        for i in keep:
+            first.setdefault(examples[i], i)
+        counts["data.duplicate_records"] = float(len(keep) - len(first))
+        keep = sorted(first.values())
+    by_user = cfg.heldout_by_user
+    units = _units(keep, [users[i] for i in keep] if by_user else [examples[i] for i in keep])
+    heldout_rows, public_rows, pool_rows = _split_units(units, [cfg.heldout_examples, public_examples], np_rng, len(keep))
+    pool = [examples[i] for i in pool_rows]
+    in_pool = set(pool)
+    heldout = [examples[i] for i in heldout_rows if examples[i] not in in_pool]
+    seen = in_pool | set(heldout)
+    public = [examples[i] for i in public_rows if examples[i] not in seen]
+    counts["data.duplicate_records"] = counts.get("data.duplicate_records", 0.0) + float(
+        len(heldout_rows) + len(public_rows) - len(heldout) - len(public)
+    )
+    if len(heldout) < 2:
+        raise ValueError(f"data.heldout_examples: only {len(heldout)} held-out records are left once duplicates of "
+                         "client records are removed; the data has too few distinct records")
+    labels = None
+    if cfg.partition.method == "dirichlet":
+        if cfg.label_field not in frame.columns:
+            raise ValueError(f"data.label_field: no column {cfg.label_field!r} for dirichlet partitioning")
+        labels = frame[cfg.label_field].iloc[pool_rows].tolist()
+    if users is not None:
+        parts, chosen, left_out = natural_parts([users[i] for i in pool_rows], num_clients, cfg.partition, np_rng)
+        counts["data.users_left_out"] = float(left_out)
+    else:
+        parts, chosen = partition(len(pool), num_clients, cfg.partition, np_rng, labels), None
+    return FederatedData(pool, parts, heldout, public, canaries=[], counts=counts, users=chosen)
+
+
+def _units(rows: list[int], keys: list) -> list[list[int]]:
+    """Rows grouped by key (the same record, or the same user), in first-seen order: a split takes whole units."""
+    groups: dict = {}
+    for row, key in zip(rows, keys):
+        groups.setdefault(key, []).append(row)
+    return list(groups.values())
+
+
+def _split_units(units: list[list[int]], sizes: list[int], rng: np.random.Generator, total: int):
+    """Shuffle the units and fill each reserved split up to its size with whole units; the rest is the pool."""
+    if total <= sum(sizes):
+        raise ValueError(
+            f"data.heldout_examples + data.public_examples ({sum(sizes)}) leave no client data from {total} records"
+        )
+    order = rng.permutation(len(units))
+    splits: list[list[int]] = [[] for _ in sizes]
+    pool: list[int] = []
+    current = 0
+    for u in order:
+        while current < len(sizes) and len(splits[current]) >= sizes[current]:
+            current += 1
+        (splits[current] if current < len(sizes) else pool).extend(units[u])
+    return (*[sorted(s) for s in splits], sorted(pool))
+
+
+def _cap(part: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
+    return part if len(part) <= cap else np.sort(rng.choice(part, size=cap, replace=False))
+
+
+def _plant(scenario: Scenario, data: FederatedData, rng: random.Random) -> list[Canary]:
+    cfg, num_clients = scenario.data, data.num_clients
+    spec = cfg.canaries
+    count = cfg.canary_count
     if spec.clients == "random":
-        holders = [rng.randrange(num_clients) for _ in range(spec.count)]
+        holders = [rng.randrange(num_clients) for _ in range(count)]
     else:
         bad = [c for c in spec.clients if not 0 <= c < num_clients]
         if bad:
-            raise ScenarioError(f"data.canaries.clients: {bad} are not client ids (0..{num_clients - 1})")
-        holders = [spec.clients[i % len(spec.clients)] for i in range(spec.count)]
-    return make_canaries(rng, spec.count, list(spec.kinds), spec.repetitions, holders)
+            raise ValueError(f"data.canaries.clients: {bad} are not client ids (0..{num_clients - 1})")
+        holders = [spec.clients[i % len(spec.clients)] for i in range(count)]
+    canaries = make_canaries(rng, count, list(spec.kinds), spec.repetitions, holders, prompted=cfg.is_prompted)
+    return canaries + [_custom(i, count + i, custom, data, cfg, rng) for i, custom in enumerate(spec.custom)]
+
+
+def _custom(position: int, index: int, spec, data: FederatedData, cfg: DataConfig, rng: random.Random) -> Canary:
+    where = f"data.canaries.custom[{position}]"
+    if cfg.is_prompted and spec.prompt is None:
+        raise ValueError(f"{where}.prompt: with data.format {cfg.format} a canary is the answer to a question; set prompt")
+    if not cfg.is_prompted and spec.prompt is not None:
+        raise ValueError(f"{where}.prompt: data.format text has no prompts; put the whole sentence in text")
+    prefix, _, suffix = spec.text.partition("{secret}")
+    canary = Canary(index, "custom", prefix, spec.secret, spec.repetitions, -1, question=spec.prompt or "",
+                    suffix=suffix, format=spec.format)
+    if spec.repetitions == 0:
+        return replace(canary, client_id=_holder_in_data(canary, data, where))
+    if spec.client is not None and not 0 <= spec.client < data.num_clients:
+        raise ValueError(f"{where}.client: {spec.client} is not a client id (0..{data.num_clients - 1})")
+    return replace(canary, client_id=spec.client if spec.client is not None else rng.randrange(data.num_clients))
+
+
+def _holder_in_data(canary: Canary, data: FederatedData, where: str) -> int:
+    """The first client with a record whose response contains the canary's text (a secret the data holds)."""
+    text = canary.example.response
+    for client in range(data.num_clients):
+        if any(text in data.pool[i].response for i in data.parts[client]):
+            return client
+    raise ValueError(f"{where}: repetitions 0 measures a secret the data already holds, but no client's record "
+                     f"contains {text!r}; fix text and secret, or set repetitions ≥ 1 to plant it")

@@ -1,4 +1,4 @@
-"""Split a pool of examples among clients: iid, Dirichlet label skew, or quantity skew.
+"""Split a pool of examples among clients: iid, Dirichlet label skew, quantity skew, or by user.
 
 Only index arrays are built, one per client, so a federation of thousands of clients
 costs a few integers per example, never a copy of the data or the model.
@@ -22,6 +22,8 @@ def partition(
         )
     if config.method == "iid":
         return [np.sort(part) for part in np.array_split(rng.permutation(num_items), num_clients)]
+    if config.method == "natural":
+        raise ValueError("natural partitioning groups records by user: call natural_parts")
     if config.method == "quantity_skew":
         return _quantity_skew(num_items, num_clients, config, rng)
     if labels is None:
@@ -54,3 +56,29 @@ def _dirichlet(labels: np.ndarray, num_clients: int, config: PartitionConfig, rn
         f"dirichlet(alpha={config.alpha}) left a client with fewer than {config.min_examples} examples in "
         "100 draws; raise data.partition.alpha, lower data.partition.min_examples, or add data"
     )
+
+
+def natural_parts(
+    users: list[str], num_clients: int, config: PartitionConfig, rng: np.random.Generator
+) -> tuple[list[np.ndarray], list[str], int]:
+    """One client per user (flwr-datasets' NaturalIdPartitioner): (parts, the chosen users, users left out).
+
+    Users with fewer than ``min_examples`` records are left out. Of the rest, ``num_clients``
+    are kept: the largest (ties in first-seen order) or, with ``select: random``, a seeded
+    sample; each client's records stay in data order.
+    """
+    rows: dict[str, list[int]] = {}
+    for row, user in enumerate(users):
+        rows.setdefault(user, []).append(row)
+    eligible = [u for u, r in rows.items() if len(r) >= config.min_examples]
+    if len(eligible) < num_clients:
+        raise ValueError(
+            f"data.partition: natural partitioning found {len(eligible)} users with ≥ {config.min_examples} client "
+            f"records (of {len(rows)} users); set federation.num_clients ≤ {len(eligible)} or lower "
+            "data.partition.min_examples"
+        )
+    if config.select == "largest":
+        chosen = sorted(eligible, key=lambda u: -len(rows[u]))[:num_clients]
+    else:
+        chosen = [eligible[i] for i in np.sort(rng.choice(len(eligible), size=num_clients, replace=False))]
+    return [np.asarray(rows[u], dtype=np.int64) for u in chosen], chosen, len(rows) - num_clients

@@ -1,30 +1,78 @@
-"""Read text examples (and optional labels) from local files or through the `datasets` library."""
+"""Read records from local files or through the `datasets` library, and turn them into examples.
+
+Errors name the scenario field to fix (``data.path``, ``data.output_field``...), never
+just the reader's own message.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
 
 from ..scenario import DataConfig
+from .examples import Example, instruction_example, text_example
 
 READERS = {
     ".jsonl": lambda p: pd.read_json(p, lines=True),
+    ".json": pd.read_json,
     ".csv": pd.read_csv,
     ".parquet": pd.read_parquet,
     ".txt": lambda p: pd.DataFrame({"text": [ln for ln in Path(p).read_text().splitlines() if ln.strip()]}),
 }
+ROLES = ("system", "user", "assistant")
 
 
 def read_records(config: DataConfig) -> pd.DataFrame:
-    """A frame with the text column (and the label column when present), in file order."""
+    """Every row of the configured files or dataset, in order."""
     frame = _read_files(config) if config.source == "files" else _read_datasets(config)
-    if config.text_field not in frame.columns:
-        raise ValueError(
-            f"data.text_field: no column {config.text_field!r} in the data (columns: {', '.join(map(str, frame.columns))})"
-        )
-    frame = frame[frame[config.text_field].astype(str).str.strip() != ""]
     return frame.reset_index(drop=True)
+
+
+def to_examples(frame: pd.DataFrame, config: DataConfig) -> list[Example | None]:
+    """One example per row in ``data.format``; None for a row with an empty response (it is dropped and counted)."""
+    needed = {"text": [config.text_field], "instruction": [config.instruction_field, config.output_field],
+              "chat": [config.messages_field]}[config.format]
+    field = {config.text_field: "text_field", config.instruction_field: "instruction_field",
+             config.output_field: "output_field", config.messages_field: "messages_field"}
+    for column in needed:
+        if column not in frame.columns:
+            raise ValueError(
+                f"data.{field[column]}: no column {column!r} in the data (columns: {', '.join(map(str, frame.columns))})"
+            )
+    if config.format == "text":
+        return [text_example(t) if t.strip() else None for t in frame[config.text_field].map(_text)]
+    if config.format == "instruction":
+        inputs = frame[config.input_field].map(_text) if config.input_field in frame.columns else [""] * len(frame)
+        return [
+            instruction_example(ins, out, input=inp) if out.strip() else None
+            for ins, inp, out in zip(frame[config.instruction_field].map(_text), inputs, frame[config.output_field].map(_text))
+        ]
+    return [_chat_example(row, messages, config) for row, messages in enumerate(frame[config.messages_field])]
+
+
+def _text(value) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+
+
+def _chat_example(row: int, messages, config: DataConfig) -> Example | None:
+    """A conversation whose last message is the assistant's response; the turns before it are the prompt."""
+    where = f"data.messages_field: row {row}"
+    if not hasattr(messages, "__len__") or isinstance(messages, (str, dict)) or len(messages) == 0:
+        raise ValueError(f"{where}: expected a non-empty list of {{role, content}} messages, got {messages!r:.80}")
+    turns = []
+    for message in messages:
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(f"{where}: each message needs a role and a content, got {message!r:.80}")
+        if message["role"] not in ROLES:
+            raise ValueError(f"{where}: role {message['role']!r} is not one of {', '.join(ROLES)}")
+        turns.append((message["role"], _text(message["content"])))
+    if turns[-1][0] != "assistant":
+        raise ValueError(f"{where}: the last message must be the assistant's response (got role {turns[-1][0]!r})")
+    if not turns[-1][1].strip():
+        return None
+    return Example(response=turns[-1][1], prompt=tuple(turns[:-1]))
 
 
 def _read_files(config: DataConfig) -> pd.DataFrame:
@@ -36,7 +84,10 @@ def _read_files(config: DataConfig) -> pd.DataFrame:
             raise ValueError(f"data.path: {path} has an unsupported extension; use one of {', '.join(READERS)}")
         if not path.is_file():
             raise ValueError(f"data.path: {path} does not exist")
-        frames.append(reader(path))
+        try:
+            frames.append(reader(path))
+        except Exception as exc:  # each reader has its own error types; all mean "not a file of this format"
+            raise ValueError(f"data.path: {path} could not be read as {path.suffix.lower()[1:]}: {exc}") from None
     return pd.concat(frames, ignore_index=True)
 
 
@@ -44,5 +95,8 @@ def _read_datasets(config: DataConfig) -> pd.DataFrame:
     """The `datasets` path: a hub name when online, or a builder such as json/csv with data_files."""
     import datasets
 
-    dataset = datasets.load_dataset(config.path, data_files=config.data_files, split=config.split)
+    try:
+        dataset = datasets.load_dataset(config.path, data_files=config.data_files, split=config.split)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ValueError(f"data.path: datasets.load_dataset({config.path!r}) failed: {exc}") from None
     return dataset.to_pandas()
