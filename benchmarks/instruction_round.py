@@ -213,7 +213,8 @@ def measure(mode: str, args: argparse.Namespace, data: Path, workdir: Path) -> d
         "model_vocab": rt.model.get_input_embeddings().num_embeddings,
         "sequence_tokens": statistics.mean(len(e.ids) for e in encoded),
         "prompt_tokens": statistics.mean(e.prompt_tokens for e in encoded),
-        "eval": rt.scenario.eval.model_dump(),
+        "eval": dict(zip(("max_examples", "generation_examples"), rt.scenario.eval_examples()),
+                     batch_size=rt.scenario.eval.batch_size, max_new_tokens=rt.scenario.eval.max_new_tokens),
         "threads": torch.get_num_threads(),
     }
 
