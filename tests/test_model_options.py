@@ -4,6 +4,8 @@ where bitsandbytes cannot run, the same gradients with less memory."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 import pytest
 import yaml
@@ -113,6 +115,8 @@ def test_quantized_loads_ask_bitsandbytes_for_qlora_and_leave_checkpointing_to_t
     loads, prepared = [], []
     monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", lambda path, **kw: loads.append(kw) or tiny_model)
     monkeypatch.setattr(models, "prepare_model_for_kbit_training", lambda m, **kw: prepared.append(kw) or m)
+    # the options as given: older transformers' BitsAndBytesConfig looks bitsandbytes up, absent on CPU machines
+    monkeypatch.setattr(models, "BitsAndBytesConfig", lambda **kw: SimpleNamespace(**kw))
     for dtype, compute in [("float32", torch.bfloat16), ("float16", torch.float16)]:
         make_model(ModelConfig(name_or_path="ckpt", quantization="4bit", dtype=dtype), tokenizer, seed=0)
         quant = loads[-1]["quantization_config"]
