@@ -36,7 +36,7 @@ from .poisoning import PoisoningAttack, PoisoningOptions
 
 def success_rate(runtime, prompts: list[list[int]], targets: list[str]) -> float:
     """Fraction of prompts (token ids) whose greedy continuation starts with its target (leading spaces ignored)."""
-    longest = max(len(runtime.tokenizer(" " + t, add_special_tokens=False)["input_ids"]) for t in targets)
+    longest = max(len(ids) for ids in runtime.batcher.tokens([" " + t for t in set(targets)]))
     outputs = greedy_continuations(runtime.model, runtime.tokenizer, prompts, longest + 2, runtime.device)
     return sum(out.lstrip().startswith(t) for out, t in zip(outputs, targets)) / len(prompts)
 

@@ -126,11 +126,15 @@ def test_ipm_sends_minus_epsilon_times_the_benign_mean(scenario):
 # --------------------------------------------------------------------------- data poisoning
 
 
-@pytest.fixture
-def runtime(tiny, tmp_path):
+def full_mode_runtime(tiny, tmp_path):
     tiny["tuning"] = {"mode": "full"}
     scenario = load_scenario(tiny)
     return build_runtime(scenario, build_federated_data(scenario), torch.device("cpu"), tmp_path)
+
+
+@pytest.fixture
+def runtime(tiny, tmp_path):
+    return full_mode_runtime(tiny, tmp_path)
 
 
 def test_backdoor_texts_carry_trigger_and_target_within_seq_len(runtime):
@@ -168,11 +172,9 @@ def test_attack_success_is_the_share_of_greedy_continuations_that_start_with_the
 @pytest.fixture
 def prompted(tiny, tmp_path):
     """The synthetic instruction corpus on the tiny model, every record fitting in seq_len."""
-    tiny["tuning"] = {"mode": "full"}
     tiny["model"].update(max_positions=128, tokenizer={"kind": "bpe", "vocab_size": 512})
     tiny["data"].update(format="instruction", seq_len=64)
-    scenario = load_scenario(tiny)
-    return build_runtime(scenario, build_federated_data(scenario), torch.device("cpu"), tmp_path)
+    return full_mode_runtime(tiny, tmp_path)
 
 
 def test_backdoor_on_instruction_data_triggers_the_instruction_and_answers_the_target(prompted):

@@ -57,9 +57,13 @@ class Batcher:
     def tokens(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
+    def prompt_tokens(self, examples: list[Example]) -> list[list[int]]:
+        """Each example's rendered prompt, tokenized on its own (empty for a plain text)."""
+        return self.tokens([self.renderer.render(e) for e in examples])
+
     def encode(self, examples: list[Example]) -> list[Encoded]:
         eos = self.tokenizer.eos_token_id
-        prompts = self.tokens([self.renderer.render(e) for e in examples])
+        prompts = self.prompt_tokens(examples)
         responses = self.tokens([e.response for e in examples])
         return [fit(p, r + [eos], self.seq_len) for p, r in zip(prompts, responses)]
 
@@ -67,8 +71,7 @@ class Batcher:
         """What generation starts from: each rendered prompt's tokens, then the start of its response
         (``response_starts``, e.g. a canary's context), tokenized apart as in training, kept to seq_len."""
         starts = self.tokens(response_starts) if response_starts else [[] for _ in examples]
-        prompts = self.tokens([self.renderer.render(e) for e in examples])
-        return [(p + s)[-self.seq_len :] for p, s in zip(prompts, starts)]
+        return [(p + s)[-self.seq_len :] for p, s in zip(self.prompt_tokens(examples), starts)]
 
     def loader(self, examples: list[Example], seed: int | None = None, batch_size: int | None = None) -> DataLoader:
         """Shuffled with ``seed`` (training) or in order when seed is None (evaluation)."""
