@@ -28,6 +28,7 @@ from pydantic import Field
 
 from fedsec_bench.client import LocalTraining
 from fedsec_bench.data import Example
+from fedsec_bench.ground_truth import RoundTruth
 from fedsec_bench.lm import greedy_continuations
 from fedsec_bench.messages import ClientContext, RoundContext
 
@@ -128,7 +129,7 @@ class Backdoor(PoisoningAttack):
                 group["lr"] = self.options.lr
         return training
 
-    def round_end(self, round: RoundContext, metrics: dict[str, float]) -> dict[str, float]:
+    def score_round(self, round: RoundContext, truth: RoundTruth, metrics: dict[str, float]) -> dict[str, float]:
         targets = [self.options.target] * len(self.prompts)
         return {"poison.backdoor_asr": success_rate(self.runtime, self.prompts, targets)}
 
@@ -176,7 +177,7 @@ class LabelFlip(PoisoningAttack):
         flip = lambda m: self.options.mapping[m.group(1)]  # noqa: E731
         return [e.with_response(self.pattern.sub(flip, e.response)) for e in examples]
 
-    def round_end(self, round: RoundContext, metrics: dict[str, float]) -> dict[str, float]:
+    def score_round(self, round: RoundContext, truth: RoundTruth, metrics: dict[str, float]) -> dict[str, float]:
         if not self.prompts:
             return {}
         return {"poison.label_flip_asr": success_rate(self.runtime, self.prompts, self.targets)}

@@ -121,8 +121,9 @@ class CanaryExposure(Plugin):
         if scenario.data.canary_count == 0 and not scenario.data.canaries.custom:
             raise ValueError("no canaries are planted; set data.canaries.count ≥ 1 or add data.canaries.custom")
 
-    def round_end(self, round, metrics) -> None:
-        self.participants.update(r.client_id for r in round.reports)
+    def score_round(self, round, truth, metrics) -> None:
+        """Only collect who trained (the simulator's truth): a canary counts once its client trained."""
+        self.participants.update(truth.trained())
 
     def training_end(self, runtime) -> dict[str, float]:
         canaries = runtime.data.canaries

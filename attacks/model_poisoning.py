@@ -16,7 +16,7 @@ import math
 import torch
 from pydantic import Field
 
-from fedsec_bench.messages import ClientContext, Message, RoundContext, State, plain_updates
+from fedsec_bench.messages import ClientContext, Message, RoundContext, State, plain_updates, state_bytes
 from fedsec_bench.updates import flatten, gaussian_noise, unflatten
 
 from .poisoning import PoisoningAttack, PoisoningOptions
@@ -117,8 +117,7 @@ class CollusionAttack(PoisoningAttack):
         updates = plain_updates(messages, f"{self.name} (crafting from the benign updates)")
         benign = torch.stack([flatten(update) for update, b in zip(updates, bad) if not b])
         crafted = unflatten(self.craft(benign, len(messages), sum(bad)), like=round.global_state)
-        return [Message.of_update(msg.client_id, msg.num_examples, dict(crafted)) if b else msg
-                for msg, b in zip(messages, bad)]
+        return [msg.carrying(dict(crafted), state_bytes(crafted)) if b else msg for msg, b in zip(messages, bad)]
 
 
 class AlieOptions(PoisoningOptions):

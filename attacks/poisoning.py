@@ -7,8 +7,8 @@ the same ``clients`` option pick the same clients, so a ``backdoor`` and a
 its update.
 
 A client that attacks in a round is marked in the simulator's ground truth
-(:mod:`fedsec_bench.ground_truth`), never shown to the server: robust rules use it for
-their exclusion precision and recall, not to decide.
+(:mod:`fedsec_bench.ground_truth`), never shown to the server: the robust rules' scorers
+use it for their exclusion precision and recall; the rules cannot see it to decide.
 """
 
 from __future__ import annotations

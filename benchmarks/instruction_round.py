@@ -14,7 +14,7 @@ The round is timed through the harness's own methods, wrapped for the run only:
 local training = ``LocalExecutor.run_clients``, evaluation = ``Federation.evaluate``
 (held-out loss + greedy answers), aggregation = ``HookChain.aggregation``, logging =
 ``Tracker.log_metrics``; other = the rest (sampling, snapshot, server step, round figures,
-``round_end`` hooks such as DP accounting). Peak RSS is the process's resident high-water
+``score_round`` hooks such as DP accounting). Peak RSS is the process's resident high-water
 mark during the round (Linux: reset at each round's start through /proc/self/clear_refs).
 
 After each round the plain loop trains the same model (its state put back afterwards) on

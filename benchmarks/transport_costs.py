@@ -22,7 +22,8 @@ import torch
 from fedsec_bench.aggregation import fedavg
 from fedsec_bench.defenses.he_aggregation import HEAggregation, HEAggregationOptions
 from fedsec_bench.defenses.secure_aggregation import SecureAggregation, SecureAggregationOptions
-from fedsec_bench.messages import ClientContext, ClientReport, Message, RoundContext
+from fedsec_bench.ground_truth import RoundTruth
+from fedsec_bench.messages import ClientContext, Message, RoundContext
 
 CLIENTS, REPEATS = 10, 5
 
@@ -49,10 +50,9 @@ def he_figures() -> dict[str, float]:
     like, plain = updates(size)
 
     def he_path():
-        clients = [ClientContext(m.client_id, 1, 0, runtime) for m in plain]
-        sent = [plugin.transport(c, m) for c, m in zip(clients, plain)]
-        reports = [ClientReport(c.client_id, m.num_examples, 0.0, 1, c.metrics, c.notes) for c, m in zip(clients, plain)]
-        plugin.aggregation(RoundContext(1, runtime, [m.client_id for m in plain], like, reports), sent)
+        sent = [plugin.transport(ClientContext(m.client_id, 1, 0, runtime), m) for m in plain]
+        ids = [m.client_id for m in plain]
+        plugin.aggregation(RoundContext(1, runtime, ids, like, delivered=ids), sent)
 
     def raw_tenseal():
         context, slots = plugin.key_holders.context, plugin.key_holders.slots
@@ -85,7 +85,7 @@ def secagg_figures() -> dict[str, float]:
     secure_s, plain_s = best_of(secure), best_of(lambda: fedavg(plain, like))
     one_client_s = best_of(lambda: plugin.transport(ClientContext(0, 1, 0, runtime, peers=peers), plain[0]))
     return {"secure_s": secure_s, "fedavg_s": plain_s, "overhead_ratio": secure_s / plain_s,
-            "one_client_mask_s": one_client_s, "server_unmask_s": plugin.round_end(round, {})["cost.secagg_unmask_s"]}
+            "one_client_mask_s": one_client_s, "server_unmask_s": plugin.score_round(round, RoundTruth([]), {})["cost.secagg_unmask_s"]}
 
 
 if __name__ == "__main__":

@@ -16,8 +16,10 @@ the Poisson-subsampled Gaussian's RDP composed over rounds (a :class:`.accountin
 Options beyond the paper:
 
 * adaptive clipping (Andrew, Thakkar, McMahan, Ramaswamy 2021, "Differentially Private
-  Learning with Adaptive Clipping"): each participant also reports b_k = 1[‖Δ_k‖ ≤ S];
-  the server releases b̄ = (Σ b_k + N(0, σ_b²)) / (q·N) and moves S ← S·exp(−η(b̄ − γ))
+  Learning with Adaptive Clipping"): each participant also sends b_k = 1[‖Δ_k‖ ≤ S] (in
+  ``Message.side``, beside its update, in the clear: so adaptive clipping beside a hiding
+  transport shows the server one bit per client); the server releases
+  b̄ = (Σ b_k + N(0, σ_b²)) / (q·N) and moves S ← S·exp(−η(b̄ − γ))
   towards the γ-quantile of update norms. The count is a second Gaussian query of
   sensitivity 1/2 (with centred bits), so the update noise is raised to
   z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2) and the pair costs what one Gaussian of multiplier z
@@ -44,11 +46,15 @@ import math
 import torch
 from pydantic import Field, model_validator
 
+from fedsec_bench.ground_truth import RoundTruth
 from fedsec_bench.messages import ClientContext, Message, RoundContext, State
 from fedsec_bench.plugins import Options, Plugin
 from fedsec_bench.updates import add_gaussian_noise, clip_to_norm, zeros_like
 
 from .accounting import Ledger
+
+UNCLIPPED = "dp_fedavg.unclipped"
+"""b_k = 1[‖Δ_k‖ ≤ S]: sent with adaptive clipping, and recorded for the clipped-fraction figure."""
 
 
 class DPFedAvgOptions(Options):
@@ -99,6 +105,7 @@ class DPFedAvg(Plugin):
         self.update_noise = update_noise_multiplier(options, self.count_noise)
         self.min_clients = options.min_clients or max(1, math.floor(self.expected_clients))
         self.ledger = Ledger()
+        self.unclipped = 0.0  # Σ b_k over the round's delivered messages (adaptive clipping), as received
         self.round_figures: dict[str, float] = {}
 
     @classmethod
@@ -124,8 +131,9 @@ class DPFedAvg(Plugin):
     # --- client side --------------------------------------------------------------
     def client_update(self, client: ClientContext, update: State) -> State:
         clipped, norm = clip_to_norm(update, self.clip_norm)
-        client.metrics["dp_fedavg.update_norm"] = norm
-        client.metrics["dp_fedavg.unclipped"] = float(norm <= self.clip_norm)
+        client.metrics[UNCLIPPED] = float(norm <= self.clip_norm)
+        if self.options.adaptive_clipping:
+            client.side[UNCLIPPED] = client.metrics[UNCLIPPED]
         if self.options.distributed:
             std = self.update_noise * self.clip_norm / math.sqrt(self.min_clients)
             clipped = add_gaussian_noise(clipped, std, torch.Generator().manual_seed(client.seed))
@@ -137,6 +145,11 @@ class DPFedAvg(Plugin):
         return message
 
     # --- server side --------------------------------------------------------------
+    def server_observation(self, round: RoundContext, messages: list[Message]) -> None:
+        """Sum the unclipped bits the delivered messages carry (adaptive clipping's count query)."""
+        if self.options.adaptive_clipping:
+            self.unclipped = sum(m.side[UNCLIPPED] for m in messages)
+
     def post_aggregation(self, round: RoundContext, aggregate: State) -> State:
         participants = len(round.delivered)  # the updates in the mean: the sampled clients whose message arrived
         skipped = self.options.distributed and participants < self.min_clients
@@ -144,17 +157,10 @@ class DPFedAvg(Plugin):
         if not self.options.distributed:
             generator = torch.Generator().manual_seed(self.runtime.seed_for(round.round, 0, 1))
             total = add_gaussian_noise(total, self.update_noise * self.clip_norm, generator)
-        clip_used = self.clip_norm
-        delivered = set(round.delivered)
-        unclipped = sum(r.metrics["dp_fedavg.unclipped"] for r in round.reports if r.client_id in delivered)
+        self.round_figures = {"dp_fedavg.clip_norm": self.clip_norm, "dp_fedavg.skipped_round": float(skipped)}
         if self.options.adaptive_clipping:
-            self.adapt_clip_norm(unclipped, participants, round.round)
+            self.adapt_clip_norm(self.unclipped, participants, round.round)
         self.ledger.compose(self.options.noise_multiplier, self.sample_rate)
-        self.round_figures = {
-            "dp_fedavg.clip_norm": clip_used,
-            "dp_fedavg.clipped_fraction": 1 - unclipped / participants if participants else 0.0,
-            "dp_fedavg.skipped_round": float(skipped),
-        }
         if skipped:
             return zeros_like(aggregate)
         return {name: t * (1.0 / self.expected_clients) for name, t in total.items()}
@@ -166,9 +172,12 @@ class DPFedAvg(Plugin):
         fraction = centred / self.expected_clients + 0.5
         self.clip_norm *= math.exp(-self.options.clip_lr * (fraction - self.options.target_quantile))
 
-    def round_end(self, round, metrics):
+    def score_round(self, round: RoundContext, truth: RoundTruth, metrics: dict[str, float]) -> dict[str, float]:
+        """The server's figures, the guarantee so far, and the share of the delivered updates clipped."""
+        unclipped = truth.client_values(UNCLIPPED, among=round.delivered)
         return {
             **self.round_figures,
+            "dp_fedavg.clipped_fraction": 1 - sum(unclipped.values()) / len(unclipped) if unclipped else 0.0,
             "privacy.user_epsilon": self.ledger.epsilon(self.delta),
             "privacy.user_delta": self.delta,
         }

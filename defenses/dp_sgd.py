@@ -7,8 +7,10 @@ to the sum and divide by the expected batch size q·n. The sampled Gaussian mech
 composed over the client's steps is accounted in a :class:`.accounting.Ledger` (Opacus'
 RDP, Mironov et al. 2019, or PRV, Gopi et al. 2021); each client has its own ledger,
 kept for the whole run, because each client runs its own mechanism on its own records.
-Clients report the mechanism and its steps; the ledgers live with the plugin on the
-driver, where ``round_end`` composes them (the client side may run on a Ray worker).
+Clients record the mechanism and its steps for the simulator; the ledgers live with the
+plugin on the driver, where its scorer (``score_round``) composes them from the round's
+truth (the client side may run on a Ray worker). The guarantee is each client's own: no
+protocol party needs the ledgers.
 
 Per-example gradients come from Opacus' GradSampleModule in ``hooks`` mode (see
 :data:`GRAD_SAMPLE_MODE`). Three traps of Hugging Face + PEFT models are handled here,
@@ -224,7 +226,8 @@ class DPSGD(Plugin):
         self.delta = federation_delta(options, runtime.data)
 
     def __getstate__(self) -> dict:
-        """A Ray worker's copy needs no ledgers: they stay with the driver, which composes them."""
+        """A Ray worker's copy needs no ledgers: they stay with the driver, which composes them (a
+        resumed run gets them from :meth:`checkpoint`, which keeps them)."""
         return super().__getstate__() | {"budgets": {}}
 
     @classmethod
@@ -265,8 +268,8 @@ class DPSGD(Plugin):
         return Mechanism(examples, rate, sigma)
 
     def local_training(self, client: ClientContext, training: LocalTraining) -> LocalTraining:
-        """Train privately and report the mechanism and its steps: the ledger is kept on the server side
-        (``round_end``), since the client side may run in another process (executor: ray)."""
+        """Train privately and record the mechanism and its steps for the scorer, which keeps the ledger
+        on the driver (``score_round``), since the client side may run in another process (executor: ray)."""
         mechanism = self.mechanism(len(training.loader.dataset), training.steps)
         client.metrics |= {
             "dp_sgd.examples": mechanism.examples, "dp_sgd.sample_rate": mechanism.sample_rate,
@@ -281,8 +284,8 @@ class DPSGD(Plugin):
             generator=torch.Generator().manual_seed(client.seed),
         )
 
-    def round_end(self, round, metrics):
-        for report in round.reports:  # every client that trained spent budget, delivered or not
+    def score_round(self, round, truth, metrics):
+        for report in truth.reports:  # every client that trained spent budget, delivered or not
             if "dp_sgd.steps" in report.metrics:
                 self.spend(report.client_id, report.metrics)
         table = self.table()

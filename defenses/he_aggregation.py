@@ -19,7 +19,8 @@ Parties, as in deployments of HE aggregation (e.g. NVIDIA FLARE with TenSEAL):
   in the server's hands, so handing one over would fake the threat model.
 
 The encrypted aggregate goes back to the key holders, who decrypt it; the server never
-holds a plaintext update or the plaintext aggregate.
+holds a plaintext update or the plaintext aggregate. Each client also leaves its plaintext
+update in the simulator's notes, which only the scorer reads (``he.max_abs_error``).
 
 Streaming: the server works chunk by chunk (the j-th ciphertext of every client, then
 the next), so it holds one loaded ciphertext and one running sum at a time. With
@@ -42,6 +43,7 @@ import numpy as np
 import tenseal as ts
 from pydantic import Field, ValidationInfo, field_validator
 
+from fedsec_bench.ground_truth import RoundTruth
 from fedsec_bench.messages import ClientContext, Message, RoundContext, State
 from fedsec_bench.plugins import Options, Plugin
 from fedsec_bench.updates import as_state, flatten, zeros_like
@@ -50,7 +52,7 @@ MAX_COEFF_BITS = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
 """Largest total coefficient modulus for 128-bit security (HomomorphicEncryption.org standard, as in SEAL)."""
 
 PLAINTEXT_NOTE = "he.plaintext_update"
-"""The note in which a client hands the simulator its plaintext update (float32, as trained)."""
+"""The note in which a client hands the scorer its plaintext update (float32, as trained)."""
 
 HEADROOM_BITS = 10
 """Bits of the data modulus left above global_scale^2 for the aggregate's integer part (and sign)."""
@@ -221,12 +223,11 @@ class EncryptedUpdate:
 # --------------------------------------------------------------------------- the plugin
 
 
-def plaintext_mean(round: RoundContext, messages: list[Message]) -> np.ndarray:
-    """Simulator-only: the plaintext FedAvg of the delivered updates, from the clients' notes, to
-    measure the CKKS error. No protocol party has it."""
-    notes = {r.client_id: r.notes[PLAINTEXT_NOTE] for r in round.reports}
-    total = sum(m.num_examples * notes[m.client_id].astype(np.float64) for m in messages)
-    return total / sum(m.num_examples for m in messages)
+def plaintext_mean(truth: RoundTruth, weights: dict[int, float]) -> np.ndarray:
+    """Simulator-only: the weighted sum of the clients' plaintext updates, from their notes, to measure
+    the CKKS error. No protocol party has it."""
+    notes = truth.notes(PLAINTEXT_NOTE)
+    return sum(w * notes[cid].astype(np.float64) for cid, w in weights.items())
 
 
 class HEAggregation(Plugin):
@@ -247,6 +248,7 @@ class HEAggregation(Plugin):
         spool = options.spool if options.spool != "auto" else ("disk" if runtime.scenario.tuning.mode == "full" else "memory")
         self.spool_dir = tempfile.TemporaryDirectory(prefix="fedsec-he-") if spool == "disk" else None
         self._figures: dict[str, float] = {}
+        self._decrypted: tuple[dict[int, float], np.ndarray] | None = None  # (weights, aggregate), for the scorer
 
     def __getstate__(self) -> dict:
         """A Ray worker's copy is a client: it gets the clients' shared secret context (serialized), not
@@ -257,6 +259,11 @@ class HEAggregation(Plugin):
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__ = state | {"key_holders": KeyHolders.from_serialized(state["key_holders"], state["options"])}
+
+    def checkpoint(self) -> dict:
+        """Nothing carries over between rounds but the keys, and a resumed run's clients make new ones
+        (a new session): a checkpoint on disk holds no secret key."""
+        return {}
 
     def new_chunks(self, client: ClientContext) -> InMemoryChunks | SpooledChunks:
         if self.spool_dir is None:
@@ -271,11 +278,10 @@ class HEAggregation(Plugin):
         for ciphertext in self.key_holders.encrypt(flat):
             chunks.append(ciphertext)
         client.metrics["cost.he_encrypt_s"] = time.perf_counter() - started
-        payload = EncryptedUpdate(flat.size, chunks)
-        return Message(client.client_id, message.num_examples, payload, chunks.num_bytes)
+        return message.carrying(EncryptedUpdate(flat.size, chunks), chunks.num_bytes)
 
     def aggregation(self, round: RoundContext, messages: list[Message]) -> State:
-        self._figures = {}
+        self._figures, self._decrypted = {}, None
         if not messages:
             return zeros_like(round.global_state)
         updates = [m.payload for m in messages]
@@ -300,13 +306,20 @@ class HEAggregation(Plugin):
         self._figures = {
             "cost.he_aggregate_s": aggregate_s,
             "cost.he_decrypt_s": decrypt_s,
-            "he.max_abs_error": float(np.abs(flat - plaintext_mean(round, messages)).max()),
             "he.expansion_ratio": float(np.mean([m.num_bytes for m in messages])) / (4 * size),
         }
+        self._decrypted = ({m.client_id: w for m, w in zip(messages, weights)}, flat)
         return as_state(flat, round.global_state)
 
-    def round_end(self, round: RoundContext, metrics: dict[str, float]) -> dict[str, float]:
-        return self._figures | round.client_mean("cost.he_encrypt_s")
+    def score_round(self, round: RoundContext, truth: RoundTruth, metrics: dict[str, float]) -> dict[str, float]:
+        """The costs, and the CKKS error: the decrypted aggregate against the same weighted sum of the
+        plaintext updates, which only the simulator has."""
+        figures = self._figures | truth.client_mean("cost.he_encrypt_s")
+        if self._decrypted is not None:
+            weights, flat = self._decrypted
+            figures["he.max_abs_error"] = float(np.abs(flat - plaintext_mean(truth, weights)).max())
+            self._decrypted = None
+        return figures
 
     def training_end(self, runtime) -> dict[str, float]:
         if self.spool_dir is not None:

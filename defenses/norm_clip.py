@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from fedsec_bench.messages import ClientContext, State
+from fedsec_bench.ground_truth import RoundTruth
+from fedsec_bench.messages import ClientContext, RoundContext, State
 from fedsec_bench.plugins import Options, Plugin
 from fedsec_bench.updates import clip_to_norm
 
@@ -29,8 +30,9 @@ class NormClip(Plugin):
         clipped, client.metrics["norm_clip.pre_clip_norm"] = clip_to_norm(update, self.options.max_norm)
         return clipped
 
-    def round_end(self, round, metrics):
-        norms = [r.metrics["norm_clip.pre_clip_norm"] for r in round.reports]
+    def score_round(self, round: RoundContext, truth: RoundTruth, metrics: dict[str, float]) -> dict[str, float] | None:
+        """How often the bound bit, from the norms before clipping (which only the clients saw)."""
+        norms = list(truth.client_values("norm_clip.pre_clip_norm").values())
         if not norms:
             return None
         clipped = sum(n > self.options.max_norm for n in norms)

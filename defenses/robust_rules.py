@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 from pydantic import Field, StrictFloat, StrictInt
 
-from fedsec_bench.ground_truth import malicious_clients
+from fedsec_bench.ground_truth import RoundTruth
 from fedsec_bench.messages import Message, RoundContext, State, plain_updates
 from fedsec_bench.plugins import Options, Plugin
 from fedsec_bench.updates import add_gaussian_noise, flatten, unflatten, zeros_like
@@ -81,10 +81,11 @@ class RobustAggregator(Plugin):
         self.shares = {m.client_id: float(s) for m, s in zip(messages, result.share)}
         return unflatten(result.aggregate, like=round.global_state)
 
-    def round_end(self, round: RoundContext, metrics: dict[str, float]) -> dict[str, float]:
+    def score_round(self, round: RoundContext, truth: RoundTruth, metrics: dict[str, float]) -> dict[str, float]:
+        """The rule's selection against who truly attacked, which the rule itself never saw."""
         if not self.shares:
             return {}
-        figures, rows = selection_figures(self.shares, malicious_clients(round) & self.shares.keys())
+        figures, rows = selection_figures(self.shares, truth.malicious_clients() & self.shares.keys())
         self.rows.extend({"round": round.round, **row} for row in rows)
         return figures
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from importlib.resources import files
 from pathlib import Path
 
-from .errors import ScenarioError
+from .errors import Diverged, ScenarioError, excerpt
+from .interruption import Interrupted
 
+EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 
 
@@ -26,6 +29,8 @@ def resolve_scenario_path(name: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 1 a run failed or a figure regressed, 2 bad input (nothing recorded),
+    128 + signal number when SIGINT (130) or SIGTERM (143) stopped a run (recorded as KILLED)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet_library_logs()
@@ -37,6 +42,33 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Interrupted as exc:
+        print(f"\n{exc}{_where(exc, args)}", file=sys.stderr)
+        return exc.exit_code
+    except Diverged as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}{_where(exc, args)}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:  # a bug, not the input's fault: one line unless --debug asks for the traceback
+        if args.debug:
+            raise
+        print(f"error: {type(exc).__name__}: {excerpt(str(exc), 500)}\n"
+              "This is a bug in fedsec-bench or in a plugin, not in your scenario; rerun with --debug for the "
+              "traceback, and report it.", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _where(stop: BaseException, args) -> str:
+    """Where a stopped run's record is, and how to go on from it (``stop.record``: the run's
+    :class:`~fedsec_bench.tracking.Tracker`, attached by :func:`fedsec_bench.runner.run`)."""
+    record = getattr(stop, "record", None)
+    if record is None:
+        return " (no run was recorded)"
+    lines = f"\nthe run is marked {record.status} after round {record.completed_rounds}: {record.run_dir}"
+    if record.resumable and isinstance(stop, Interrupted):
+        lines += f"\ncontinue it with: fedsec run {args.scenario} --resume {record.run_id or record.run_dir.name}"
+    return lines
 
 
 def quiet_library_logs() -> None:
@@ -47,19 +79,37 @@ def quiet_library_logs() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    from datasets.utils import logging as datasets_logging
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights": our own bar is the run's progress
+    datasets_logging.disable_progress_bar()
+    datasets_logging.set_verbosity(datasets_logging.CRITICAL)  # a bad file's error is ours to report, with its field
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsec", description="Privacy and security benchmark for federated LLM training.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    sub.add_parser = partial(sub.add_parser, parents=[common])
 
     run = sub.add_parser("run", help="run a scenario and log it to MLflow")
     _scenario_args(run)
     run.add_argument("--quiet", action="store_true", help="no progress bar or summary table (for CI)")
+    run.add_argument("--resume", metavar="RUN_ID",
+                     help="continue this interrupted run (its MLflow run id, or its folder's name when untracked) "
+                     "from its latest checkpoint, into the same run")
     run.set_defaults(command=cmd_run)
+
+    runs = sub.add_parser("runs", help="list runs; --stale finds runs left RUNNING by a process that died")
+    runs.add_argument("--stale", action="store_true", required=True,
+                      help="RUNNING runs whose process is gone (killed, or its machine went down)")
+    runs.add_argument("--mark", action="store_true", help="mark the stale runs KILLED (tag fedsec.stale=true)")
+    runs.add_argument("--uri", default="sqlite:///mlflow.db", help="MLflow tracking URI (default: %(default)s)")
+    runs.add_argument("--experiment", default=None, help="only this experiment")
+    runs.set_defaults(command=cmd_runs)
 
     validate = sub.add_parser("validate", help="check a scenario without running it")
     _scenario_args(validate)
@@ -103,14 +153,14 @@ def _scenario_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_validate(args) -> int:
-    """Everything ``run`` checks before it records a run: the schema, the plugins, and the data itself."""
-    from .data import build_federated_data
+    """Everything ``run`` checks before it records a run: the schema, the plugins, where results go, the
+    data itself and the model (loaded or built and tuned, not pretrained)."""
     from .plan import load_plan
+    from .runner import as_plan, prepare
 
-    plan = load_plan(resolve_scenario_path(args.scenario), args.overrides)
+    plan = as_plan(load_plan(resolve_scenario_path(args.scenario), args.overrides))
     scenario = plan.scenario
-    data = build_federated_data(scenario)
-    plan.check_data(data)
+    data = prepare(plan, pretrained=False)[0].data
     sizes = [data.num_examples(c) for c in range(data.num_clients)]
     print(f"{scenario.name}: ok ({scenario.tuning.mode}, {scenario.federation.rounds} rounds, "
           f"{len(scenario.defenses)} defenses, {len(scenario.attacks)} attacks)")
@@ -128,7 +178,8 @@ def cmd_run(args) -> int:
     from .plan import load_plan
     from .runner import run
 
-    plan = load_plan(resolve_scenario_path(args.scenario), args.overrides)
+    source = resolve_scenario_path(args.scenario)
+    plan = load_plan(source, args.overrides)
     scenario = plan.scenario
     bar = tqdm(total=scenario.federation.rounds, desc=scenario.name, unit="round", disable=args.quiet, file=sys.stderr)
 
@@ -138,7 +189,7 @@ def cmd_run(args) -> int:
         bar.update(1)
 
     try:
-        result = run(plan, on_round=on_round)
+        result = run(plan, on_round=on_round, resume=args.resume)
     finally:
         bar.close()
     if not args.quiet:
@@ -150,7 +201,22 @@ def cmd_run(args) -> int:
 
 
 PROGRESS_METRICS = ("train.loss", "utility.eval_loss", "utility.perplexity")
-EXIT_FAILED = 1
+
+
+def cmd_runs(args) -> int:
+    from .liveness import mark_stale, stale_runs
+
+    stale = stale_runs(args.uri, experiment=args.experiment)
+    for run in stale:
+        print(f"{run.run_id}  {run.scenario or '?':<24} started {run.started}  {run.reason}")
+    if not stale:
+        print(f"no stale runs in {args.uri}")
+    elif args.mark:
+        mark_stale(args.uri, [r.run_id for r in stale], reasons={r.run_id: r.reason for r in stale})
+        print(f"\n{len(stale)} marked KILLED")
+    else:
+        print(f"\n{len(stale)} stale; --mark marks them KILLED")
+    return 0
 
 
 def cmd_sweep(args) -> int:

@@ -8,7 +8,8 @@ from itertools import islice
 import torch
 from torch.utils.data import DataLoader
 
-from .messages import ClientContext, ClientReport, Message, State
+from .ground_truth import ClientReport
+from .messages import ClientContext, Message, State
 from .plugins import HookChain
 
 
@@ -72,8 +73,14 @@ def local_steps(federation, num_examples: int) -> int:
     return federation.local_steps
 
 
+def client_seed(runtime, rnd: int, client_id: int) -> int:
+    """The seed of a client's local training in a round, the same whichever executor runs it."""
+    return runtime.seed_for(rnd, client_id)
+
+
 def client_round(client: ClientContext, global_state: State, hooks: HookChain) -> tuple[Message | None, ClientReport]:
-    """Train from the global state on the client's data; return what it sends (None if lost) and our notes."""
+    """Train from the global state on the client's data; return what it sends (None if lost) and the
+    simulator's report of it."""
     rt = client.runtime
     fed = rt.scenario.federation
     examples = hooks.client_data(client, rt.data.client_examples(client.client_id))
@@ -90,6 +97,6 @@ def client_round(client: ClientContext, global_state: State, hooks: HookChain) -
     )
     train_loss = hooks.local_training(client, training).run()
     update = hooks.client_update(client, rt.trainable.delta_from(global_state))
-    message = hooks.transport(client, Message.of_update(client.client_id, len(examples), update))
+    message = hooks.transport(client, Message.of_update(client.client_id, len(examples), update, client.side))
     report = ClientReport(client.client_id, len(examples), train_loss, steps, dict(client.metrics), dict(client.notes))
     return message, report

@@ -11,3 +11,13 @@ class ScenarioError(ValueError):
     def __init__(self, problems: list[str] | str):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         super().__init__("\n".join(self.problems))
+
+
+class Diverged(RuntimeError):
+    """Training produced a non-finite loss or weight (:mod:`fedsec_bench.divergence`); the message names
+    the round and what to try. The run is recorded FAILED; the CLI exits 1 without a traceback."""
+
+
+def excerpt(text: str, limit: int = 80) -> str:
+    """At most ``limit`` characters of ``text``: what an error may quote of a value that could be huge."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from .client import client_round
-from .messages import ClientContext, ClientReport, Message, RoundContext
+from .client import client_round, client_seed
+from .ground_truth import ClientReport
+from .messages import ClientContext, Message, RoundContext
 from .plugins import HookChain
 from .runtime import Runtime
 
@@ -32,8 +33,9 @@ class LocalExecutor:
         self.hooks = hooks
 
     def run_clients(self, round: RoundContext) -> list[ClientResult]:
+        rt, rnd = round.runtime, round.round
         return [
-            client_round(ClientContext(cid, round.round, round.client_seed(cid), round.runtime, peers=list(round.sampled)),
+            client_round(ClientContext(cid, rnd, client_seed(rt, rnd, cid), rt, peers=list(round.sampled)),
                          round.global_state, self.hooks)
             for cid in round.sampled
         ]

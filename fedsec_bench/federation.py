@@ -1,4 +1,9 @@
-"""The federated round loop. Each line is one step of the protocol in DESIGN.md."""
+"""The federated round loop. Each line is one step of the protocol in docs/design.md.
+
+The server-side hooks get the round's public facts (:class:`RoundContext`) and the
+delivered messages; the simulator's reports become the round's :class:`RoundTruth`, which
+only the scorers (``score_round``) see, after the server has stepped.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,9 @@ import time
 import numpy as np
 
 from .evaluation import answer_quality, evaluate
-from .messages import Message, RoundContext
 from .executors import Executor
+from .ground_truth import RoundTruth
+from .messages import Message, RoundContext, state_bytes
 from .plugins import HookChain
 from .runtime import Runtime
 from .scenario import FederationConfig
@@ -24,18 +30,20 @@ class Federation:
     def run_round(self, rnd: int) -> dict[str, float]:
         started = time.perf_counter()
         round = RoundContext(rnd, self.rt, self.sample_clients(rnd), self.rt.trainable.snapshot())
-        messages, round.reports = _unzip(self.executor.run_clients(round))
-        messages = [m for m in messages if m is not None]  # lost on the way: the server never sees them
+        sent, reports = _unzip(self.executor.run_clients(round))
+        truth = RoundTruth(reports)
+        self.rt.trainable.load(round.global_state)  # the last local client's model must not reach the server
+        messages = [m for m in sent if m is not None]  # lost on the way: the server never sees them
         round.delivered = [m.client_id for m in messages]
         messages = self.hooks.collusion(round, messages)
         metrics = self.hooks.server_observation(round, messages)
         aggregate = self.hooks.aggregation(round, messages)
         aggregate = self.hooks.post_aggregation(round, aggregate)
         self.rt.trainable.step(round.global_state, aggregate, scale=self.config.server_lr)
-        metrics |= self.round_figures(round, messages, started)
+        metrics |= self.round_figures(round, truth, messages, started)
         if rnd % self.config.eval_every == 0 or rnd == self.config.rounds:
             metrics |= self.evaluate()
-        metrics |= self.hooks.round_end(round, metrics)
+        metrics |= self.hooks.score_round(round, truth, metrics)
         return metrics
 
     def evaluate(self) -> dict[str, float]:
@@ -48,18 +56,21 @@ class Federation:
     def sample_clients(self, rnd: int) -> list[int]:
         return sample_clients(self.config, self.rt.seed_for(rnd))
 
-    def round_figures(self, round: RoundContext, messages: list[Message], started: float) -> dict[str, float]:
+    def round_figures(self, round: RoundContext, truth: RoundTruth, messages: list[Message], started: float) -> dict[str, float]:
+        """The core's figures of a round. ``train.loss`` is the mean loss of the clients whose update
+        arrived (the ones the model learned from); a round in which none arrived logs
+        ``round.clients`` 0 and no ``train.loss`` (FedAvg's aggregate is then zero: the model stays)."""
         sent = [m.num_bytes for m in messages]
-        state_bytes = sum(t.numel() * t.element_size() for t in round.global_state.values())
-        losses = [r.train_loss for r in round.reports]
-        return {
-            "train.loss": float(np.mean(losses)) if losses else float("nan"),
+        delivered = set(round.delivered)
+        losses = [r.train_loss for r in truth.reports if r.client_id in delivered]
+        figures = {"train.loss": float(np.mean(losses))} if losses else {}
+        return figures | {
             "round.clients": float(len(messages)),
             "fault.dropped_clients": float(len(round.sampled) - len(round.delivered)),
-            "fault.failed_clients": float(len(round.sampled) - len(round.reports)),
+            "fault.failed_clients": float(len(round.sampled) - len(truth.reports)),
             "cost.bytes_up": float(np.mean(sent)) if sent else 0.0,
             "cost.bytes_up_total": float(sum(sent)),
-            "cost.bytes_down": float(state_bytes),
+            "cost.bytes_down": float(state_bytes(round.global_state)),
             "cost.round_seconds": time.perf_counter() - started,
         }
 

@@ -137,3 +137,13 @@ class ExactLoraAggregation(Plugin):
             layer.fold(u, v)
         self.pending = []
         return aggregate
+
+    def checkpoint(self) -> dict:
+        """The frozen weights as the folded residuals left them, by the name of their layer's A: the
+        core's checkpoint holds only the exchanged parameters, and ``layers`` points into the model."""
+        return {"base_weights": {layer.a: layer.base.detach().cpu().clone() for layer in self.layers}}
+
+    @torch.no_grad()
+    def restore(self, state: dict) -> None:
+        for layer in self.layers:
+            layer.base.copy_(state["base_weights"][layer.a])

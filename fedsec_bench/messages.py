@@ -1,14 +1,16 @@
-"""What travels in a round and what each party knows, as plain data.
+"""What travels in a round and what each protocol party is shown, as plain data.
 
-The split follows the threat model in DESIGN.md: a :class:`Message` is exactly what
-a client puts on the wire (the server and any server-side observer see this and
-nothing else), while a :class:`ClientReport` is the simulator's own bookkeeping
-(training loss, per-client privacy spend) that no party of the protocol sees.
+The split follows the threat model in docs/design.md: a :class:`Message` is exactly what a
+client puts on the wire, and a :class:`RoundContext` the public facts of a round (its
+number, the clients the server sampled, which messages arrived, the global state); the
+server and every server-side hook get these and nothing else. What only the simulator
+knows (each client's training loss, privacy spend, who attacked, plaintexts under
+encryption) is in :mod:`fedsec_bench.ground_truth`, handed to scorers alone.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -18,6 +20,14 @@ if TYPE_CHECKING:
 
 State = dict[str, torch.Tensor]
 """Trainable parameters (or an update of them) by parameter name."""
+
+SIDE_VALUE_BYTES = 8
+"""What one side value costs on the wire: a float64."""
+
+
+def state_bytes(state: State) -> int:
+    """The size of a state's tensors, as sent in the clear."""
+    return sum(t.numel() * t.element_size() for t in state.values())
 
 
 @dataclass
@@ -30,13 +40,17 @@ class ClientContext:
     runtime: Runtime
     peers: list[int] = field(default_factory=list)
     """The round's sampled clients, as the server announces them (secure aggregation masks against them)."""
+    side: dict[str, float] = field(default_factory=dict)
+    """Values the client sends beside its update, in the clear (DP-FedAvg's unclipped bit): they become
+    the message's :attr:`Message.side`. Client-side hooks that run before the message exists write them here."""
     metrics: dict[str, float] = field(default_factory=dict)
-    """Client-side hooks may record figures here; they reach round_end through the report."""
+    """Figures for the scorers, never sent: they reach ``score_round`` through the round's
+    :class:`~fedsec_bench.ground_truth.RoundTruth`."""
     notes: dict[str, Any] = field(default_factory=dict)
-    """Simulator-only objects a client-side hook hands to its plugin's server side (e.g. a plaintext
-    update to measure an encryption error), through the report. Client-side hooks may run in another
-    process (executor: ray), so this and ``metrics`` are their only way back: attributes they set
-    on the plugin stay where they ran."""
+    """Simulator-only objects a client-side hook hands to its plugin's scorer (e.g. a plaintext update
+    to measure an encryption error), through the round's truth. Client-side hooks may run in another
+    process (executor: ray), so this, ``metrics`` and what they send are their only way back:
+    attributes they set on the plugin stay where they ran."""
 
 
 @dataclass
@@ -44,7 +58,8 @@ class Message:
     """What one client sends to the server.
 
     ``payload`` is a plain :data:`State` unless a transport defense replaced it
-    (ciphertexts, masked vectors...). ``num_bytes`` is what it would cost on the
+    (ciphertexts, masked vectors...); ``side`` holds a few public values sent beside it,
+    in the clear whatever hides the payload. ``num_bytes`` is what it all costs on the
     wire and feeds ``cost.bytes_up``.
     """
 
@@ -52,12 +67,17 @@ class Message:
     num_examples: int
     payload: Any
     num_bytes: int
+    side: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def of_update(cls, client_id: int, num_examples: int, update: State) -> Message:
-        """The message of a plain update, costed at its tensors' size."""
-        size = sum(t.numel() * t.element_size() for t in update.values())
-        return cls(client_id, num_examples, update, size)
+    def of_update(cls, client_id: int, num_examples: int, update: State, side: dict[str, float] | None = None) -> Message:
+        """The message of a plain update, costed at its tensors' size and its side values'."""
+        return cls(client_id, num_examples, None, 0, dict(side or {})).carrying(update, state_bytes(update))
+
+    def carrying(self, payload: Any, payload_bytes: int) -> Message:
+        """This message with another payload (encrypted, masked, crafted), costed at ``payload_bytes``
+        plus the side values, which travel on unchanged."""
+        return replace(self, payload=payload, num_bytes=payload_bytes + SIDE_VALUE_BYTES * len(self.side))
 
     @property
     def is_plain(self) -> bool:
@@ -68,7 +88,7 @@ class Message:
 
 def plain_updates(messages: list[Message], reader: str) -> list[State]:
     """The updates of messages that must be plain; a clear error when one is not (a transport defense
-    that hides updates must also aggregate them; :func:`~fedsec_bench.plugins.check_plugins` refuses
+    that hides updates must also aggregate them; :func:`~fedsec_bench.plan.resolve` refuses
     such scenarios at load time, this guards third-party code paths)."""
     for m in messages:
         if not m.is_plain:
@@ -80,34 +100,20 @@ def plain_updates(messages: list[Message], reader: str) -> list[State]:
 
 
 @dataclass
-class ClientReport:
-    """Simulator-side facts about one client's round; never shown to protocol parties."""
-
-    client_id: int
-    num_examples: int
-    train_loss: float
-    local_steps: int
-    metrics: dict[str, float] = field(default_factory=dict)
-    notes: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
 class RoundContext:
-    """One round as seen by server-side hooks and by round_end."""
+    """One round as the server knows it, given to every server-side hook.
+
+    Public round facts only: no client's report, no plaintext. ``runtime`` stays because
+    plugins need the model, the tokenizer, the public data and the scenario; it also holds
+    every client's data, which a server-side hook must not read (a convention, not enforced:
+    the truth of what a client trained on is for scorers, see ``score_round``). Between the
+    clients' training and the server's step, the runtime's model holds the global state.
+    """
 
     round: int
     runtime: Runtime
     sampled: list[int]
+    """The clients the server picked for this round (it announces them as each client's ``peers``)."""
     global_state: State
-    reports: list[ClientReport] = field(default_factory=list)
     delivered: list[int] = field(default_factory=list)
     """Clients whose message reached the server (a transport may lose one: a dropout)."""
-
-    def client_seed(self, client_id: int) -> int:
-        """The seed of a client's local training this round, the same whichever executor runs it."""
-        return self.runtime.seed_for(self.round, client_id)
-
-    def client_mean(self, key: str) -> dict[str, float]:
-        """``{key: mean}`` of a figure the clients recorded in ``client.metrics`` (empty if none did)."""
-        values = [r.metrics[key] for r in self.reports if key in r.metrics]
-        return {key: sum(values) / len(values)} if values else {}

@@ -28,12 +28,16 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from .bounded_yaml import value_excerpt
 from .errors import ScenarioError
-from .scenario import ModelConfig
+from .hub import local_first
+from .scenario import ModelConfig, Scenario
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EOS = "<|endoftext|>"
 BYTE_VOCAB = 256 + 1  # every byte, plus the end-of-text token
+MIN_VOCAB = 16
+"""Fewer tokens than this is no tokenizer a model was trained with."""
 
 
 def make_tokenizer(config: ModelConfig, public_texts: list[str]) -> PreTrainedTokenizerBase:
@@ -47,7 +51,15 @@ def make_tokenizer(config: ModelConfig, public_texts: list[str]) -> PreTrainedTo
     if kind == "auto":
         kind = "model" if config.name_or_path else "bpe"
     if kind == "model":
-        tokenizer = AutoTokenizer.from_pretrained(config.name_or_path, trust_remote_code=config.trust_remote_code)
+        tokenizer = local_first(
+            lambda: AutoTokenizer.from_pretrained(config.name_or_path, trust_remote_code=config.trust_remote_code),
+            config.name_or_path, "model.name_or_path", "a tokenizer (save_pretrained's files)",
+        )
+        if len(tokenizer) < MIN_VOCAB:  # transformers builds an empty one from config.json alone
+            raise ScenarioError(
+                f"model.name_or_path: the tokenizer of {value_excerpt(config.name_or_path)} has {len(tokenizer)} "
+                "tokens: the folder holds no tokenizer files; save the tokenizer beside the model "
+                "(tokenizer.save_pretrained), or train one with model.tokenizer.kind bpe or byte")
     else:
         vocab = BYTE_VOCAB if kind == "byte" else config.tokenizer.vocab_size
         tokenizer = train_byte_level_bpe(public_texts, vocab)
@@ -101,14 +113,59 @@ def make_model(config: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: in
     """
     torch.manual_seed(seed)
     if config.name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(config.name_or_path, **load_options(config))
+        model = local_first(
+            lambda: AutoModelForCausalLM.from_pretrained(config.name_or_path, **load_options(config)),
+            config.name_or_path, "model.name_or_path", "a causal language model (save_pretrained's files)",
+        )
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))
     else:
+        if config.vocab is not None and config.vocab < len(tokenizer):
+            raise ScenarioError(f"model.vocab: {config.vocab} is below the tokenizer's {len(tokenizer)} tokens, whose "
+                                "ids would index past the embeddings; raise it, or leave it unset")
         model = _build(config, config.vocab or len(tokenizer), tokenizer.eos_token_id).to(DTYPES[config.dtype])
     model.config.pad_token_id = tokenizer.pad_token_id
     prepare_for_training(model, config)
     return model
+
+
+def max_positions(model: PreTrainedModel) -> int | None:
+    """The longest sequence the model's position embeddings cover, as its config says; None if it says nothing."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+        value = getattr(model.config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_model_fits(model: PreTrainedModel, scenario: Scenario) -> None:
+    """Refuse, before a run is recorded, a loaded checkpoint too short for the scenario's sequences.
+
+    A built model's positions are checked with the schema (model.max_positions); a checkpoint's are known
+    only once its config is read, and past them GPT-2 fails with an index error in the middle of round 1
+    (Llama's rotary positions run on, untrained). Training sequences are data.seq_len tokens, plus the
+    soft prompt with tuning.mode prompt; generation adds eval.max_new_tokens to a prompt of at most seq_len.
+    """
+    limit = max_positions(model)
+    if limit is None:
+        return
+    problem = sequence_problem(scenario, limit, f"the {limit} positions of the checkpoint "
+                               f"{value_excerpt(scenario.model.name_or_path)} (its config's position limit)")
+    if problem:
+        raise ScenarioError(problem)
+
+
+def sequence_problem(scenario: Scenario, limit: int, what: str) -> str | None:
+    """Why the scenario's sequences do not fit in ``limit`` positions (``what`` names them), or None."""
+    virtual = scenario.tuning.prompt.num_virtual_tokens if scenario.tuning.mode == "prompt" else 0
+    soft = f" + tuning.prompt.num_virtual_tokens ({virtual})" if virtual else ""
+    if scenario.data.seq_len + virtual > limit:
+        return (f"data.seq_len: {scenario.data.seq_len}{soft} exceeds {what}; lower data.seq_len to at most "
+                f"{max(limit - virtual, 0)}")
+    if scenario.eval_examples()[1] and scenario.eval.max_new_tokens + 1 + virtual > limit:
+        return (f"eval.max_new_tokens: {scenario.eval.max_new_tokens} new tokens after a prompt of at least one{soft} "
+                f"exceed {what}; lower eval.max_new_tokens to at most {max(limit - virtual - 1, 0)}")
+    return None
 
 
 def load_options(config: ModelConfig) -> dict:

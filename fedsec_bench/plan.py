@@ -21,7 +21,7 @@ from .lora_aggregation import ExactLoraAggregation
 from .models import check_model_support
 from .plugins import HookChain, Options, Plugin
 from .registry import PluginUnavailable, get_plugin
-from .scenario import PluginSpec, Scenario, parse_scenario, suggest
+from .scenario import PluginSpec, Scenario, field_path, parse_scenario, suggest
 
 if TYPE_CHECKING:
     from .data import FederatedData
@@ -114,10 +114,10 @@ def parse_entry(spec: PluginSpec, kind: str, where: str) -> PlannedPlugin:
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            path = "".join(f".{p}" for p in err["loc"])  # empty for a check across options
+            path = f".{field_path(err['loc'])}" if err["loc"] else ""  # empty for a check across options
             if err["type"] == "extra_forbidden":
                 fields = list(cls.OptionsModel.model_fields)
-                problems.append(f"{where}{path}: unknown option of {cls.name}{suggest(err['loc'][-1], fields)}")
+                problems.append(f"{where}{path}: unknown option of {cls.name}{suggest(str(err['loc'][-1]), fields)}")
             else:
                 problems.append(f"{where}{path}: {err['msg'].removeprefix('Value error, ')}")
         raise ScenarioError(problems) from None

@@ -12,6 +12,13 @@ threat model's order on the client (a malicious client poisons its data or updat
 before the client-side defense clips or encrypts it), lets server-side observers see
 the output of every transport defense, and lets a defense that changes what is sent
 (encryption, masking) aggregate it before the plain-tensor rule is reached.
+
+Who sees what: client-side hooks see their own client; the server-side hooks (collusion,
+server_observation, aggregation, post_aggregation) see a :class:`RoundContext` and the
+messages the transport delivered, nothing more. The simulator's ground truth (a
+:class:`~fedsec_bench.ground_truth.RoundTruth`: every client's report, who attacked, the
+plaintexts under encryption) goes only to the scorer, ``score_round``, which runs outside
+the protocol; ``training_end`` scores the final model.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from .messages import ClientContext, Message, RoundContext, State
 if TYPE_CHECKING:
     from .client import LocalTraining
     from .data import Example, FederatedData
+    from .ground_truth import RoundTruth
     from .runtime import Runtime
     from .scenario import Scenario
 
@@ -39,7 +47,7 @@ HOOKS = (
     "server_observation",
     "aggregation",
     "post_aggregation",
-    "round_end",
+    "score_round",
     "training_end",
 )
 CLIENT_HOOKS = HOOKS[:4]
@@ -102,6 +110,22 @@ class Plugin:
         A plugin holding something unpicklable overrides this and ``__setstate__``."""
         return {k: v for k, v in self.__dict__.items() if k != "runtime"}
 
+    # --- resuming a run --------------------------------------------------------------
+    def checkpoint(self) -> dict:
+        """The state this plugin carries from round to round, for a resumed run to go on exactly as
+        an uninterrupted one; saved with ``torch.save`` after a round.
+
+        Default: every attribute but the runtime and the options, which the resumed run builds
+        again. A plugin overrides this when an attribute cannot be pickled (a TenSEAL context),
+        points into the runtime (a model's weights), or when it changed state outside itself
+        that the core's checkpoint (the trainable parameters) does not hold.
+        """
+        return {k: v for k, v in self.__dict__.items() if k not in ("runtime", "options")}
+
+    def restore(self, state: dict) -> None:
+        """Take back what :meth:`checkpoint` returned, on a fresh instance built for the same scenario."""
+        self.__dict__.update(state)
+
     # --- client side -------------------------------------------------------------
     def client_data(self, client: ClientContext, examples: list[Example]) -> list[Example]:
         """Rewrite what a client trains on (a poisoning client's records); examples, not token ids, so it
@@ -138,11 +162,22 @@ class Plugin:
     def post_aggregation(self, round: RoundContext, aggregate: State) -> State:
         return aggregate
 
-    def round_end(self, round: RoundContext, metrics: dict[str, float]) -> dict[str, float] | None:
-        """Figures to log for this round, given the round's metrics so far."""
+    # --- outside the protocol ---------------------------------------------------------
+    def score_round(self, round: RoundContext, truth: RoundTruth, metrics: dict[str, float]) -> dict[str, float] | None:
+        """The scorer: figures to log for this round, given the round's metrics so far; runs after the
+        server's step and the evaluation.
+
+        It runs outside the protocol and is the only hook that sees the simulator's ground
+        truth (``truth``: every client's report, who attacked, the notes client-side hooks
+        left), so a figure measured against what no party knows is computed here. Figures
+        only: it must not change the model, nor anything the plugin's protocol hooks act on
+        in later rounds (a defense fed from the truth would be an oracle). Figures a
+        protocol hook computed from what it saw are returned here too.
+        """
 
     def training_end(self, runtime: Runtime) -> dict[str, float] | None:
-        """Figures to log once, on the final global model."""
+        """A scorer on the final global model: figures to log once, outside the protocol, as
+        ``score_round`` (it may use what that collected from the truth)."""
 
     @classmethod
     def hooks(cls) -> list[str]:
@@ -208,11 +243,22 @@ class HookChain:
             aggregate = p.post_aggregation(round, aggregate)
         return aggregate
 
-    def round_end(self, round: RoundContext, metrics: dict[str, float]) -> dict[str, float]:
-        return _merge(p.round_end(round, metrics) for p in self.plugins)
+    def score_round(self, round: RoundContext, truth: RoundTruth, metrics: dict[str, float]) -> dict[str, float]:
+        return _merge(p.score_round(round, truth, metrics) for p in self.plugins)
 
     def training_end(self, runtime: Runtime) -> dict[str, float]:
         return _merge(p.training_end(runtime) for p in self.plugins)
+
+    def checkpoint(self) -> list[dict]:
+        """Every plugin's :meth:`Plugin.checkpoint`, in hook order."""
+        return [p.checkpoint() for p in self.plugins]
+
+    def restore(self, states: list[dict]) -> None:
+        """Restore each plugin from its entry of :meth:`checkpoint`, taken from a chain of the same plan."""
+        if len(states) != len(self.plugins):
+            raise ValueError(f"the checkpoint holds {len(states)} plugin states, this run has {len(self.plugins)} plugins")
+        for plugin, state in zip(self.plugins, states):
+            plugin.restore(state)
 
 
 def _merge(parts) -> dict[str, float]:

@@ -3,8 +3,8 @@
 Where each part runs:
 
 - the driver (the process that called ``fedsec run``): client sampling, every server-side
-  hook (collusion, server_observation, aggregation, post_aggregation, round_end,
-  training_end), evaluation and MLflow logging;
+  hook (collusion, server_observation, aggregation, post_aggregation), the scorers
+  (score_round, training_end), evaluation and MLflow logging;
 - a client worker: the client-side hooks (client_data, local_training, client_update,
   transport) and local training, one client at a time.
 
@@ -17,9 +17,9 @@ What travels, and how often:
 - once per round, one object in the object store: the global trainable state and the
   driver's client-side plugins as they stand at the round's start (pickled without their
   runtime; a worker binds them to its own). A worker reads it once per round, not per client;
-- back, per client: its :class:`Message` and :class:`ClientReport`. Attributes a client-side
-  hook sets on its plugin stay on the worker; ``client.metrics`` and ``client.notes`` are the
-  way back, as with ``local``.
+- back, per client: its :class:`Message` and its :class:`~fedsec_bench.ground_truth.ClientReport`.
+  Attributes a client-side hook sets on its plugin stay on the worker; what the client sends,
+  and ``client.metrics`` and ``client.notes`` for the scorers, are the way back, as with ``local``.
 
 Faults: a client whose task raises, or whose worker dies (Ray restarts the actor), is tried
 once more on another worker; if that fails too the round goes on without it, a warning
@@ -39,7 +39,7 @@ from pathlib import Path
 import ray
 import torch
 
-from .client import client_round
+from .client import client_round, client_seed
 from .data import build_federated_data
 from .executors import ClientResult
 from .messages import ClientContext, Message, RoundContext, State
@@ -122,7 +122,7 @@ class RayExecutor:
     def run_clients(self, round: RoundContext) -> list[ClientResult]:
         broadcast = ray.put(RoundBroadcast(round.round, _state_to(round.global_state, "cpu"), self.hooks))
         peers = tuple(round.sampled)
-        jobs = [ClientJob(cid, round.round, round.client_seed(cid), peers) for cid in round.sampled]
+        jobs = [ClientJob(cid, round.round, client_seed(round.runtime, round.round, cid), peers) for cid in round.sampled]
         done, failed = self.dispatch(jobs, broadcast)
         for cid, error in failed.items():
             warnings.warn(f"round {round.round}: client {cid} failed {ATTEMPTS} times and is left out of the "

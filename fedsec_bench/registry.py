@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 
+from .errors import excerpt
 from .plugins import Plugin
 
 ENTRY_POINT_GROUP = "fedsec_bench.plugins"
@@ -106,7 +107,7 @@ def get_plugin(name: str, kind: str) -> type[Plugin]:
     cls = load_plugin(name) if known else None
     if cls is None or cls.kind != kind:
         names = sorted(item.name for item in list_plugins() if item.plugin is None or item.plugin.kind == kind)
-        close = difflib.get_close_matches(name, names, n=1)
+        close = difflib.get_close_matches(excerpt(name, 100), names, n=1)
         hint = f"did you mean '{close[0]}'?" if close else f"known {kind}s: {', '.join(names) or 'none'}"
-        raise ValueError(f"unknown {kind} '{name}' ({hint})")
+        raise ValueError(f"unknown {kind} '{excerpt(name)}' ({hint})")
     return cls

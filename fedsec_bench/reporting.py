@@ -39,9 +39,13 @@ def plot_curves(frame: pd.DataFrame, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def final_metrics(frame: pd.DataFrame) -> dict[str, float]:
-    """The last value each metric took (a metric evaluated every k rounds keeps its latest)."""
-    return {name: float(frame[name].dropna().iloc[-1]) for name in frame.columns if frame[name].notna().any()}
+def final_metrics(history: list[dict[str, float]]) -> dict[str, float]:
+    """Each metric's value in the last round that logged it (a metric evaluated every k rounds keeps its
+    latest). A value that went NaN stays NaN: an earlier finite one would be a stale figure passed off as final."""
+    final: dict[str, float] = {}
+    for record in history:
+        final.update({name: float(value) for name, value in record.items() if name != "round"})
+    return final
 
 
 def summary_table(final: dict[str, float]) -> str:

@@ -13,7 +13,7 @@ from .data import FederatedData
 from .data.batching import Batcher
 from .data.chunking import chunk_long_texts
 from .errors import ScenarioError
-from .models import make_model, make_tokenizer
+from .models import check_model_fits, make_model, make_tokenizer
 from .pretraining import pretrain
 from .scenario import Scenario
 from .tuning import TrainableState, apply_tuning
@@ -33,8 +33,9 @@ class Runtime:
     """Batches of the held-out examples utility is measured on (eval.max_examples of them)."""
     answered: list
     """Held-out prompt/response examples the model answers by generation at each evaluation (none for text)."""
-    artifact_dir: Path
-    """Plugins write tables and plots here; the folder is logged to MLflow at the end."""
+    artifact_dir: Path | None = None
+    """Plugins write tables and plots here; the folder is logged to MLflow at the end. Set when the run
+    is recorded, after everything that can fail on the scenario's account was built."""
 
     def seed_for(self, *keys: int) -> int:
         return derive_seed(self.scenario.seed, *keys)
@@ -59,13 +60,23 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def build_runtime(scenario: Scenario, data: FederatedData, device: torch.device, artifact_dir: Path) -> Runtime:
-    """Build the tokenizer and model; data and device are resolved first, before any run is recorded."""
+def build_runtime(scenario: Scenario, data: FederatedData, device: torch.device, artifact_dir: Path | None = None,
+                  pretrained: bool = True) -> Runtime:
+    """The tokenizer and the tuned (and pretrained) model around the data, resolved first like the device."""
+    tokenizer, model = build_model(scenario, data, device, pretrained)
+    return assemble_runtime(scenario, data, device, tokenizer, model, artifact_dir)
+
+
+def build_model(scenario: Scenario, data: FederatedData, device: torch.device, pretrained: bool = True):
+    """(tokenizer, model to train): loaded or built, pretrained on the public split when asked (unless
+    ``pretrained`` is False, as ``fedsec validate`` does: it checks, it does not train), then tuned."""
     tokenizer = make_tokenizer(scenario.model, data.public_texts())
-    model = make_model(scenario.model, tokenizer, scenario.seed).to(device)
-    if scenario.model.pretrain.steps:
+    model = make_model(scenario.model, tokenizer, scenario.seed)
+    check_model_fits(model, scenario)
+    model = model.to(device)
+    if pretrained and scenario.model.pretrain.steps:
         pretrain(model, tokenizer, data.public, scenario, device)
-    return assemble_runtime(scenario, data, device, tokenizer, apply_tuning(model, scenario.tuning), artifact_dir)
+    return tokenizer, apply_tuning(model, scenario.tuning)
 
 
 def fit_to_tokenizer(data: FederatedData, batcher: Batcher, scenario: Scenario) -> FederatedData:
@@ -80,7 +91,8 @@ def fit_to_tokenizer(data: FederatedData, batcher: Batcher, scenario: Scenario) 
 
 
 def assemble_runtime(
-    scenario: Scenario, data: FederatedData, device: torch.device, tokenizer, model: torch.nn.Module, artifact_dir: Path
+    scenario: Scenario, data: FederatedData, device: torch.device, tokenizer, model: torch.nn.Module,
+    artifact_dir: Path | None = None,
 ) -> Runtime:
     """A runtime around a tokenizer and a tuned model that exist already: the driver's own, or a
     Ray worker's copy of them (so that every worker trains exactly the driver's model)."""

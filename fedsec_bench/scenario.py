@@ -20,11 +20,45 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ScenarioError
+from .bounded_yaml import MAX_DOCUMENT_BYTES, check_value, load_yaml, value_excerpt
+from .errors import ScenarioError, excerpt
+
+
+# Upper bounds on sizes, far above anything a run on one machine can use: a slip of the keyboard (an extra
+# zero, 10**9) is refused with the bound named, instead of aborting the process later (a panic inside
+# tokenizers, an out-of-memory kill) or running for days. Each field's description names its bound.
+MAX_VOCAB = 2**20
+"""Token vocabularies (the largest real ones are about 256k)."""
+MAX_TOKENS = 2**20
+"""Sequence lengths: data.seq_len, model.max_positions, soft prompts, generation budgets."""
+MAX_LAYERS = 1024
+MAX_HIDDEN = 2**16
+MAX_HEADS = 1024
+MAX_INTERMEDIATE = 2**18
+MAX_BUILT_PARAMETERS = 10**10
+"""A model built from a config (model.arch): 40 GB of float32 weights. Larger ones are loaded, not built."""
+MAX_CLIENTS = 10**6
+MAX_EXAMPLES = 10**6
+"""Examples of one kind: per client, held out, public, evaluated, planted canary copies."""
+MAX_SYNTHETIC_RECORDS = 2 * 10**6
+"""Records the synthetic corpus draws (clients' pool, held-out and public splits together)."""
+MAX_CANARIES = 10**5
+MAX_STEPS = 10**7
+"""Rounds, local steps, pretraining steps."""
+MAX_EPOCHS = 10**4
+MAX_BATCH = 2**16
+"""Batch sizes and gradient accumulation."""
+MAX_LORA_RANK = 2**14
+SYNTHETIC_TOPICS = 8
+"""Topics of the synthetic corpus (fedsec_bench.data.synthetic.TOPICS, which this module cannot import)."""
+MAX_SEED = 2**63 - 1
+"""Seeds fit a signed 64-bit integer (torch, NumPy and MLflow all take it)."""
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Unknown keys are errors; so are inf and nan (a learning rate of .inf would only show as a NaN loss)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TokenizerConfig(Section):
@@ -33,13 +67,15 @@ class TokenizerConfig(Section):
         description="auto: the model's own when loading a saved model, else bpe. "
         "bpe: byte-level BPE trained on the public split with `tokenizers`. byte: 256 byte symbols.",
     )
-    vocab_size: int = Field(1024, ge=260, description="Target vocabulary size for kind=bpe.")
+    vocab_size: int = Field(1024, ge=260, le=MAX_VOCAB, description=f"Target vocabulary size for kind=bpe; at most "
+                            f"{MAX_VOCAB:,}.")
 
 
 class PretrainConfig(Section):
-    steps: int = Field(0, ge=0, description="Central training steps on data's public split before the federation; 0 = none.")
+    steps: int = Field(0, ge=0, le=MAX_STEPS, description="Central training steps on data's public split before the "
+                       f"federation; 0 = none; at most {MAX_STEPS:,}.")
     lr: float = Field(0.01, gt=0, description="AdamW learning rate of pretraining.")
-    batch_size: int = Field(16, ge=1, description="Pretraining batch size.")
+    batch_size: int = Field(16, ge=1, le=MAX_BATCH, description=f"Pretraining batch size; at most {MAX_BATCH:,}.")
 
 
 class ModelConfig(Section):
@@ -61,13 +97,18 @@ class ModelConfig(Section):
         False, description="Recompute activations in the backward pass: less memory, about a third more compute."
     )
     arch: Literal["gpt2", "llama"] | None = Field(None, description="Build a fresh model of this architecture.")
-    layers: int = Field(2, ge=1, description="Transformer blocks (arch only).")
-    hidden: int = Field(64, ge=8, description="Hidden size (arch only); divisible by heads.")
-    heads: int = Field(4, ge=1, description="Attention heads (arch only).")
-    kv_heads: int | None = Field(None, ge=1, description="llama only; defaults to heads.")
-    intermediate: int | None = Field(None, ge=8, description="llama MLP width; defaults to 4*hidden.")
-    vocab: int | None = Field(None, ge=8, description="Defaults to the tokenizer's vocabulary size.")
-    max_positions: int = Field(256, ge=8, description="Longest sequence the built model accepts.")
+    layers: int = Field(2, ge=1, le=MAX_LAYERS, description=f"Transformer blocks (arch only); at most {MAX_LAYERS:,}.")
+    hidden: int = Field(64, ge=8, le=MAX_HIDDEN, description="Hidden size (arch only); divisible by heads; at most "
+                        f"{MAX_HIDDEN:,}. A built model has at most {MAX_BUILT_PARAMETERS:,} parameters in all.")
+    heads: int = Field(4, ge=1, le=MAX_HEADS, description=f"Attention heads (arch only); at most {MAX_HEADS:,}.")
+    kv_heads: int | None = Field(None, ge=1, le=MAX_HEADS, description="llama only; defaults to heads, which it "
+                                 f"must divide; at most {MAX_HEADS:,}.")
+    intermediate: int | None = Field(None, ge=8, le=MAX_INTERMEDIATE, description="llama MLP width; defaults to "
+                                     f"4*hidden; at most {MAX_INTERMEDIATE:,}.")
+    vocab: int | None = Field(None, ge=8, le=MAX_VOCAB, description="Defaults to the tokenizer's vocabulary size, "
+                              f"which it may not be below; at most {MAX_VOCAB:,}.")
+    max_positions: int = Field(256, ge=8, le=MAX_TOKENS, description="Longest sequence the built model accepts; at "
+                               f"most {MAX_TOKENS:,}.")
     dropout: float | None = Field(
         None, ge=0, lt=1, description="Dropout of the built model (GPT-2's pdrop, Llama's attention dropout); "
         "None: the architecture's default (GPT-2 0.1, Llama 0). 0 is the best case for gradient inversion."
@@ -83,14 +124,34 @@ class ModelConfig(Section):
             raise ValueError(f"model.hidden ({self.hidden}) must be divisible by model.heads ({self.heads})")
         if self.arch is not None and self.tokenizer.kind == "model":
             raise ValueError("model.tokenizer.kind=model needs model.name_or_path; use bpe or byte with model.arch")
+        if self.arch == "llama" and self.kv_heads is not None and self.heads % self.kv_heads:
+            raise ValueError(f"model.kv_heads: {self.kv_heads} does not divide model.heads ({self.heads}), as each "
+                             "key/value head serves a whole group of query heads; pick a divisor of model.heads")
+        if self.arch is not None and self.built_parameters() > MAX_BUILT_PARAMETERS:
+            raise ValueError(f"model: the model these sizes build has about {self.built_parameters():,} parameters, over "
+                             f"the {MAX_BUILT_PARAMETERS:,} fedsec builds from a config; lower model.layers, hidden, "
+                             "intermediate or vocab, or load a checkpoint with model.name_or_path")
         return self
+
+    def built_parameters(self) -> int:
+        """About how many weights ``arch`` builds (embeddings, attention, MLP; norms and biases left out), with the
+        tokenizer's target vocabulary when model.vocab is unset."""
+        h, layers = self.hidden, self.layers
+        vocab = self.vocab or (257 if self.tokenizer.kind == "byte" else self.tokenizer.vocab_size)
+        if self.arch == "gpt2":
+            return vocab * h + self.max_positions * h + layers * 12 * h * h
+        kv = (self.kv_heads or self.heads) * (h // self.heads)
+        return 2 * vocab * h + layers * (2 * h * h + 2 * h * kv + 3 * h * (self.intermediate or 4 * h))
 
 
 class LoraConfig(Section):
-    r: int = Field(8, ge=1, description="LoRA rank.")
+    r: int = Field(8, ge=1, le=MAX_LORA_RANK, description=f"LoRA rank; at most {MAX_LORA_RANK:,}.")
     alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (the update is scaled by alpha / r).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
-    target_modules: list[str] | None = Field(None, description="None: PEFT's default for the architecture.")
+    target_modules: list[str] | None = Field(
+        None, min_length=1, description="Names of the layers adapted (e.g. c_attn, q_proj); None: PEFT's default "
+        "for the architecture. A name the model lacks is refused, with the names it has."
+    )
     aggregation: Literal["separate", "ffa", "exact"] = Field(
         "separate", description="separate: A and B averaged on their own (the mean of products is not the product "
         "of means). ffa: FFA-LoRA (Sun et al. 2024), A frozen at its seeded init, only B trained and exchanged. "
@@ -100,7 +161,8 @@ class LoraConfig(Section):
 
 
 class PromptConfig(Section):
-    num_virtual_tokens: int = Field(8, ge=1, description="Length of the trained soft prompt.")
+    num_virtual_tokens: int = Field(8, ge=1, le=MAX_TOKENS, description="Length of the trained soft prompt; at most "
+                                    f"{MAX_TOKENS:,}.")
 
 
 class TuningConfig(Section):
@@ -122,36 +184,40 @@ class CustomCanary(Section):
         "@ a lowercase letter, anything else itself. '####' is the 10,000 four-digit PINs."
     )
     prompt: str | None = Field(None, description="instruction/chat data: the question the text answers.")
-    repetitions: int = Field(1, ge=0, description="Copies planted; 0: not planted, the data already holds it "
-                             "(measure the exposure of PII the data really contains).")
-    client: int | None = Field(None, ge=0, description="The client that holds the planted copies; default random.")
+    repetitions: int = Field(1, ge=0, le=MAX_EXAMPLES, description="Copies planted; 0: not planted, the data already "
+                             f"holds it (measure the exposure of PII the data really contains); at most {MAX_EXAMPLES:,}.")
+    client: int | None = Field(None, ge=0, le=MAX_CLIENTS, description="The client that holds the planted copies; "
+                               f"default random; at most {MAX_CLIENTS:,}.")
 
     @model_validator(mode="after")
     def _secret_fits(self) -> CustomCanary:
         if "{secret}" not in self.text:
-            raise ValueError("data.canaries.custom: text must contain {secret} where the secret goes")
+            raise ValueError("text must contain {secret} where the secret goes")
         if len(self.secret) != len(self.format) or not all(
             (f == "#" and c.isdigit()) or (f == "@" and c in "abcdefghijklmnopqrstuvwxyz") or (f not in "#@" and f == c)
             for c, f in zip(self.secret, self.format)
         ):
-            raise ValueError(f"data.canaries.custom: secret {self.secret!r} does not match format {self.format!r} "
-                             "(# a digit, @ a lowercase letter, any other character itself)")
+            raise ValueError(f"secret {value_excerpt(self.secret)} does not match format "
+                             f"{value_excerpt(self.format)} (# a digit, @ a lowercase letter, any other character itself)")
         if not set(self.format) & {"#", "@"}:
-            raise ValueError(f"data.canaries.custom: format {self.format!r} has no # or @, so the secret is the "
+            raise ValueError(f"format {value_excerpt(self.format)} has no # or @, so the secret is the "
                              "only candidate and its exposure is always 0; mark the secret's characters")
         return self
 
 
 class CanaryConfig(Section):
     count: int | None = Field(
-        None, ge=0, description="Number of distinct planted secrets; default 8 with source synthetic, 0 with "
-        "files or datasets (nothing is planted into a user's data unless asked)."
+        None, ge=0, le=MAX_CANARIES, description="Number of distinct planted secrets; default 8 with source synthetic, "
+        f"0 with files or datasets (nothing is planted into a user's data unless asked); at most {MAX_CANARIES:,}."
     )
-    repetitions: list[Annotated[int, Field(ge=0)]] = Field([1, 4], min_length=1, description="Cycled over canaries: how often each is inserted.")
+    repetitions: list[Annotated[int, Field(ge=0, le=MAX_EXAMPLES)]] = Field(
+        [1, 4], min_length=1, description="Cycled over canaries: how often each is inserted. At most "
+        f"{MAX_EXAMPLES:,} copies of canaries are planted in all."
+    )
     kinds: list[Literal["card", "phone", "email", "name"]] = Field(
         ["card", "phone", "email", "name"], min_length=1, description="Secret kinds, cycled over canaries."
     )
-    clients: Annotated[list[int], Field(min_length=1)] | Literal["random"] = Field(
+    clients: Annotated[list[Annotated[int, Field(ge=0, le=MAX_CLIENTS)]], Field(min_length=1)] | Literal["random"] = Field(
         "random", description="Which clients hold canaries (cycled), or one random client per canary."
     )
     custom: list[CustomCanary] = Field([], description="Secrets of your own, measured like the built-in ones.")
@@ -169,8 +235,8 @@ class PartitionConfig(Section):
         "the users with most records, or a seeded random sample of them."
     )
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration for dirichlet and quantity_skew (smaller = more skewed).")
-    min_examples: int = Field(2, ge=1, description="Every client gets at least this many examples "
-                              "(natural: users with fewer are left out).")
+    min_examples: int = Field(2, ge=1, le=MAX_EXAMPLES, description="Every client gets at least this many examples "
+                              f"(natural: users with fewer are left out); at most {MAX_EXAMPLES:,}.")
 
     @model_validator(mode="after")
     def _natural_by(self) -> PartitionConfig:
@@ -208,23 +274,28 @@ class DataConfig(Section):
         "get the ignore index), as instruction tuning does."
     )
     label_field: str = Field("topic", description="Column used by dirichlet partitioning (synthetic data has topics).")
-    examples_per_client: int = Field(32, ge=1, description="synthetic only: mean examples per client.")
-    topics: int = Field(8, ge=1, description="synthetic only: number of topics.")
+    examples_per_client: int = Field(32, ge=1, le=MAX_EXAMPLES, description="synthetic only: mean examples per "
+                                     f"client; at most {MAX_EXAMPLES:,}, and the corpus draws at most "
+                                     f"{MAX_SYNTHETIC_RECORDS:,} records in all.")
+    topics: int = Field(8, ge=1, le=SYNTHETIC_TOPICS, description="synthetic only: number of topics, of the "
+                        f"corpus's {SYNTHETIC_TOPICS}.")
     difficulty: Literal["uniform", "mixed"] = Field(
         "uniform", description="synthetic only. uniform: template sentences, all about equally predictable. "
         "mixed: the same sentences, half of them followed by 1-8 high-entropy tokens (random numbers, made-up "
         "words), so examples differ in intrinsic difficulty as in real text; drawn alike in every split, "
         "members and non-members included. What per-example calibration (reference, lira, rmia) corrects."
     )
-    heldout_examples: int = Field(64, ge=2, description="Held-out (non-member) examples for eval and attacks.")
+    heldout_examples: int = Field(64, ge=2, le=MAX_EXAMPLES, description="Held-out (non-member) examples for eval "
+                                  f"and attacks; at most {MAX_EXAMPLES:,}.")
     public_examples: int | None = Field(
-        None, ge=0, description="Public examples, in no client's data and not held out: they train the BPE "
-        "tokenizer and model.pretrain. Default: 256 when the scenario trains a tokenizer or pretrains, else 0 "
-        "(a checkpoint's own tokenizer needs none, so no user's records are spent on it)."
+        None, ge=0, le=MAX_EXAMPLES, description="Public examples, in no client's data and not held out: they train "
+        "the BPE tokenizer and model.pretrain. Default: 256 when the scenario trains a tokenizer or pretrains, else 0 "
+        f"(a checkpoint's own tokenizer needs none, so no user's records are spent on it); at most {MAX_EXAMPLES:,}."
     )
     seq_len: int = Field(
-        64, ge=4, description="Tokens per example. A longer prompt/response pair loses the start of its prompt; "
-        "a longer text is cut or chunked (long_texts). Both are counted (data.truncated_examples)."
+        64, ge=4, le=MAX_TOKENS, description="Tokens per example. A longer prompt/response pair loses the start of its "
+        "prompt; a longer text is cut or chunked (long_texts). Both are counted (data.truncated_examples). At most "
+        f"{MAX_TOKENS:,}, and at most the model's positions."
     )
     long_texts: Literal["truncate", "chunk"] = Field(
         "truncate", description="format text: a text longer than seq_len is cut (truncate) or split into "
@@ -265,7 +336,17 @@ class DataConfig(Section):
                 )
         if self.heldout_by_user and self.partition.method != "natural":
             raise ValueError("data.heldout_by_user holds out whole users: it needs data.partition.method natural")
+        planted = self.planted_copies()
+        if planted > MAX_EXAMPLES:
+            raise ValueError(f"data.canaries: {planted:,} canary copies would be planted, over the {MAX_EXAMPLES:,} "
+                             "fedsec plants; lower data.canaries.count or data.canaries.repetitions")
         return self
+
+    def planted_copies(self) -> int:
+        """Copies of canaries planted into clients' data: the built-in ones (repetitions cycled) and the custom ones."""
+        reps, count = self.canaries.repetitions, self.canary_count
+        cycles, rest = divmod(count, len(reps))
+        return cycles * sum(reps) + sum(reps[:rest]) + sum(c.repetitions for c in self.canaries.custom)
 
     @property
     def canary_count(self) -> int:
@@ -296,24 +377,28 @@ class RayConfig(Section):
     num_cpus_per_client: float = Field(1.0, gt=0, description="CPUs reserved by each client worker.")
     num_gpus_per_client: float = Field(0.0, ge=0, description="GPUs reserved by each client worker (fractions share one).")
     max_concurrency: int | None = Field(
-        None, ge=1,
+        None, ge=1, le=MAX_CLIENTS,
         description="Client workers (Ray actors), i.e. clients training at once. Unset: as many as the "
-        "cluster's CPUs (and GPUs) allow, at most clients_per_round.",
+        f"cluster's CPUs (and GPUs) allow, at most clients_per_round. At most {MAX_CLIENTS:,}.",
     )
 
 
 class FederationConfig(Section):
-    num_clients: int = Field(4, ge=1, description="Registered clients, each with its own data.")
-    clients_per_round: int = Field(2, ge=1, description="Sampled per round (the expected number with poisson).")
-    rounds: int = Field(3, ge=1, description="Federated rounds.")
+    num_clients: int = Field(4, ge=1, le=MAX_CLIENTS, description="Registered clients, each with its own data; at most "
+                             f"{MAX_CLIENTS:,}.")
+    clients_per_round: int = Field(2, ge=1, le=MAX_CLIENTS, description="Sampled per round (the expected number with "
+                                   f"poisson); at most num_clients and {MAX_CLIENTS:,}.")
+    rounds: int = Field(3, ge=1, le=MAX_STEPS, description=f"Federated rounds; at most {MAX_STEPS:,}.")
     sampling: Literal["uniform", "poisson"] = Field(
         "uniform",
         description="uniform: exactly clients_per_round without replacement. "
         "poisson: each client independently with q = clients_per_round / num_clients.",
     )
-    local_steps: int | None = Field(10, ge=1, description="Optimizer steps per client per round.")
-    local_epochs: int | None = Field(None, ge=1, description="Overrides local_steps when set.")
-    batch_size: int = Field(8, ge=1, description="Local batch size.")
+    local_steps: int | None = Field(10, ge=1, le=MAX_STEPS, description="Optimizer steps per client per round; at most "
+                                    f"{MAX_STEPS:,}.")
+    local_epochs: int | None = Field(None, ge=1, le=MAX_EPOCHS, description="Overrides local_steps when set; at most "
+                                     f"{MAX_EPOCHS:,}.")
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH, description=f"Local batch size; at most {MAX_BATCH:,}.")
     lr: float = Field(1e-3, gt=0, description="Local learning rate.")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Local optimizer, fresh each round.")
     momentum: float = Field(0.0, ge=0, lt=1, description="sgd only.")
@@ -324,10 +409,15 @@ class FederationConfig(Section):
         description="Aggregation rule: a name (fedavg, krum, ...) or {name: ..., <its options>}.",
     )
     grad_accumulation: int = Field(
-        1, ge=1, description="Batches whose gradients are summed into one optimizer step: the effective batch is "
-        "batch_size x grad_accumulation at the memory of batch_size. local_steps counts optimizer steps."
+        1, ge=1, le=MAX_BATCH, description="Batches whose gradients are summed into one optimizer step: the effective "
+        "batch is batch_size x grad_accumulation at the memory of batch_size. local_steps counts optimizer steps. "
+        f"At most {MAX_BATCH:,}."
     )
     eval_every: int = Field(1, ge=1, description="Evaluate every k rounds (and always after the last).")
+    on_nonfinite: Literal["stop", "continue"] = Field(
+        "stop", description="A non-finite training or evaluation loss, or a non-finite global model: stop ends the "
+        "run FAILED at that round; continue logs it, tags the run fedsec.nonfinite=true and goes on."
+    )
     executor: Literal["local", "ray"] = Field(
         "local", description="Where clients train: local (one after another in this process) or ray (Ray workers)."
     )
@@ -356,19 +446,21 @@ class FederationConfig(Section):
 
 
 class EvalConfig(Section):
-    max_examples: Annotated[int, Field(ge=1)] | Literal["auto", "all"] = Field(
+    max_examples: Annotated[int, Field(ge=1, le=MAX_EXAMPLES)] | Literal["auto", "all"] = Field(
         "auto", description="Held-out examples the utility loss is measured on (the same first ones every "
         "evaluation). auto: a quarter of the sequences a round trains on (clients_per_round x local_steps x "
         "batch_size x grad_accumulation), at least 8, so a forward pass over them stays about a tenth of the "
         "round's training; all: the whole held-out split."
     )
-    batch_size: int = Field(8, ge=1, description="Examples per evaluation (and generation) batch.")
-    generation_examples: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH, description="Examples per evaluation (and generation) batch; at "
+                            f"most {MAX_BATCH:,}.")
+    generation_examples: Annotated[int, Field(ge=0, le=MAX_EXAMPLES)] | Literal["auto"] = Field(
         "auto", description="instruction/chat data: held-out prompts answered by greedy decoding and scored "
         "against the reference response (utility.rougeL, utility.exact_match). auto: a quarter of the loss "
         "examples, at least 2; 0: no generation."
     )
-    max_new_tokens: int = Field(32, ge=1, description="Generation budget per held-out prompt.")
+    max_new_tokens: int = Field(32, ge=1, le=MAX_TOKENS, description="Generation budget per held-out prompt; at most "
+                                f"{MAX_TOKENS:,}.")
 
 
 class TrackingConfig(Section):
@@ -377,11 +469,18 @@ class TrackingConfig(Section):
     experiment: str = Field("fedsec", description="MLflow experiment name.")
     run_name: str | None = Field(None, description="Defaults to the scenario name.")
     output_dir: str = Field("fedsec-runs", description="Local folder for each run's artifacts and summary.json.")
+    checkpoint_every: int = Field(
+        1, ge=0, description="Write a resumable checkpoint every k rounds (and after the last); 0: never. "
+        "`fedsec resume RUN_ID` continues from the latest one."
+    )
+    keep_checkpoints: int = Field(1, ge=1, description="Checkpoints kept in the run folder, the latest ones.")
 
 
 class Scenario(Section):
-    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="Names the run and its folder.")
-    seed: int = Field(0, description="Seeds data, model, sampling and training: same seed, same figures.")
+    name: str = Field(..., min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$",
+                      description="Names the run and its folder; at most 100 characters.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seeds data, model, sampling and training: same seed, same "
+                      f"figures. From 0 to {MAX_SEED:,} (2**63 - 1).")
     model: ModelConfig
     tuning: TuningConfig = TuningConfig()
     data: DataConfig = DataConfig()
@@ -394,20 +493,33 @@ class Scenario(Section):
     matrix: dict[str, list[Any]] | None = Field(
         None,
         description="fedsec sweep only: {field path: [alternatives]}; one run per combination "
-        "(e.g. {seed: [0, 1], defenses: [[], [{name: norm_clip}]]}).",
+        "(e.g. {seed: [0, 1], defenses: [[], [{name: norm_clip}]]}); at most 1,000 combinations.",
     )
 
     @model_validator(mode="after")
     def _workload(self) -> Scenario:
         model, tuning = self.model, self.tuning
+        if self.data.source == "synthetic":
+            drawn = self.federation.num_clients * self.data.examples_per_client + self.data.heldout_examples
+            drawn += self.public_examples
+            if drawn > MAX_SYNTHETIC_RECORDS:
+                raise ValueError(
+                    f"data: the synthetic corpus would draw {drawn:,} records (federation.num_clients x "
+                    "data.examples_per_client, plus data.heldout_examples and data.public_examples), over the "
+                    f"{MAX_SYNTHETIC_RECORDS:,} it draws; lower them, or bring real data (data.source files)")
         if self.data.public_examples == 0 and self.needs_public_split:
             raise ValueError("data.public_examples: 0 leaves nothing to train the tokenizer (model.tokenizer.kind "
                              "bpe or byte) or to pretrain on; give it some, or use the checkpoint's tokenizer")
         virtual = tuning.prompt.num_virtual_tokens if tuning.mode == "prompt" else 0
+        soft = f" + tuning.prompt.num_virtual_tokens ({virtual})" if virtual else ""
         if model.arch is not None and self.data.seq_len + virtual > model.max_positions:
-            soft = f" + tuning.prompt.num_virtual_tokens ({virtual})" if virtual else ""
             raise ValueError(f"data.seq_len ({self.data.seq_len}){soft} exceeds model.max_positions "
                              f"({model.max_positions}); raise model.max_positions or lower data.seq_len")
+        answer = self.eval.max_new_tokens + 1 + virtual  # generation: a prompt of one token at least, then the answer
+        if model.arch is not None and self.eval_examples()[1] and answer > model.max_positions:
+            raise ValueError(f"eval.max_new_tokens: {self.eval.max_new_tokens} new tokens after a prompt of at least "
+                             f"one{soft} exceed model.max_positions ({model.max_positions}); lower eval.max_new_tokens "
+                             "or raise model.max_positions")
         if model.quantization != "none":
             if model.name_or_path is None:
                 raise ValueError("model.quantization loads a checkpoint quantized: it needs model.name_or_path")
@@ -474,20 +586,41 @@ def parse_scenario(source: str | Path | dict, overrides: list[str] | None = None
 
     Its plugins are looked up and checked by :func:`fedsec_bench.plan.resolve`, which
     :func:`fedsec_bench.plan.load_scenario` adds to this."""
-    raw = read_yaml(source) if not isinstance(source, dict) else json.loads(json.dumps(source))
+    raw = read_yaml(source) if not isinstance(source, dict) else plain_copy(source, "the scenario")
     for item in overrides or []:
         apply_override(raw, item)
     return validate_scenario(raw)
 
 
+def plain_copy(value: dict, where: str) -> dict:
+    """A deep copy of a scenario given as a Python mapping, refused (a ScenarioError) if it is not plain
+    JSON data within the YAML loader's bounds, so the Python API accepts what a file may hold."""
+    check_value(value, where)
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as exc:
+        raise ScenarioError(f"{where}: not plain data ({excerpt(str(exc))}); use null, booleans, numbers, "
+                            "strings, lists and mappings with string keys") from None
+
+
 def read_yaml(path: str | Path) -> dict:
+    """A scenario file as a mapping, read within :mod:`~fedsec_bench.bounded_yaml`'s bounds, its data
+    paths anchored to its folder."""
     path = Path(path)
     if not path.is_file():
-        raise ScenarioError(f"{path}: no such scenario file")
+        raise ScenarioError(f"{path}: {'not a file' if path.exists() else 'no such scenario file'}")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ScenarioError(f"{path}: not valid YAML: {exc}") from None
+        with path.open("rb") as stream:
+            data = stream.read(MAX_DOCUMENT_BYTES + 1)  # never more: the file may be huge
+        if len(data) > MAX_DOCUMENT_BYTES:
+            raise ScenarioError(f"{path}: {path.stat().st_size:,} bytes, over the {MAX_DOCUMENT_BYTES:,} a scenario "
+                                "may have; a scenario is a few kilobytes: put data in files named by data.path")
+        text = data.decode("utf-8")
+    except OSError as exc:
+        raise ScenarioError(f"{path}: cannot be read ({exc.strerror or exc}); check its permissions") from None
+    except UnicodeDecodeError as exc:
+        raise ScenarioError(f"{path}: not UTF-8 text (byte {exc.start}); save the scenario as UTF-8") from None
+    raw = load_yaml(text, str(path))
     if not isinstance(raw, dict):
         raise ScenarioError(f"{path}: a scenario is a mapping of sections (name, model, ...), got {type(raw).__name__}")
     _anchor_data_paths(raw, path.parent)
@@ -510,46 +643,75 @@ def _anchor_data_paths(raw: dict, folder: Path) -> None:
 
 
 def _anchored(path: str, folder: Path) -> str:
-    return path if Path(path).expanduser().is_absolute() else str(folder / path)
+    try:
+        return path if Path(path).expanduser().is_absolute() else str(folder / path)
+    except (RuntimeError, ValueError):  # ~nosuchuser, or a NUL byte: left as written, for data.path to refuse
+        return path
+
+
+_INDEX = re.compile(r"\[([0-9]+)\]")
 
 
 def apply_override(raw: dict, item: str) -> None:
-    """Apply one ``a.b.c=value`` override; the value is parsed as YAML (so 3, true, [1,2] work)."""
-    if "=" not in item:
-        raise ScenarioError(f"--set {item}: expected PATH=VALUE, e.g. federation.rounds=5")
-    path, _, text = item.partition("=")
-    path = re.sub(r"\[(\d+)\]", r".\1", path.strip())  # attacks[0].x, as errors print it, is attacks.0.x
-    keys = [k for k in path.split(".") if k]
-    if not keys:
-        raise ScenarioError(f"--set {item}: empty field path")
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ScenarioError(f"--set {item}: value is not valid YAML: {exc}") from None
+    """Apply one ``a.b.c=value`` override; the value is parsed as YAML (so 3, true, [1,2] work), within
+    the same bounds as a scenario file. Every malformed override is a ScenarioError naming its path."""
+    path, eq, text = item.partition("=")
+    path = path.strip()
+    if not eq:
+        raise ScenarioError(f"--set {excerpt(item)}: expected PATH=VALUE, e.g. federation.rounds=5")
+    if not path:
+        raise ScenarioError(f"--set {excerpt(item)}: no field path before '=', e.g. federation.rounds=5")
+    label = f"--set {excerpt(path)}"
+    keys = field_keys(path, label)
+    set_field(raw, keys, load_yaml(text, label, at=keys), label)
+
+
+def field_keys(path: str, label: str) -> list[str]:
+    """``attacks[0].max_norm`` (as errors print it) or ``attacks.0.max_norm`` as its keys; an empty part
+    is a ScenarioError starting with ``label``."""
+    keys = [key.strip() for key in _INDEX.sub(r".\1", path.strip()).split(".")]
+    if not all(keys):
+        raise ScenarioError(f"{label}: an empty part in the field path; name every part, e.g. "
+                            "data.canaries.count or attacks[0].name")
+    return keys
+
+
+def set_field(raw: dict, keys: list[str], value: Any, label: str) -> None:
+    """Set ``raw[k0][k1]...`` to ``value``, creating missing sections (never a missing list item); ``label``
+    starts each error (``--set PATH``, or a sweep's ``matrix.PATH``)."""
     node: Any = raw
-    for depth, key in enumerate(keys[:-1]):
-        node = _child(node, key, keys[: depth + 2])
-    last = keys[-1]
-    if isinstance(node, list):
-        node[_index(node, last, keys)] = value
-    else:
-        node[last] = value
+    for depth, key in enumerate(keys):
+        here = ".".join(keys[:depth]) or "the scenario"
+        last = depth == len(keys) - 1
+        if isinstance(node, list):
+            index = _index(node, key, here, label)
+            if last:
+                node[index] = value
+                return
+            node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[key] = value
+                return
+            if node.get(key) is None:
+                node[key] = [] if _is_index(keys[depth + 1]) else {}
+            node = node[key]
+        else:
+            raise ScenarioError(f"{label}: {here} is {value_excerpt(node, 40)}, not a section with fields; set {here} "
+                                f"itself, e.g. --set {here}=VALUE")
 
 
-def _child(node: Any, key: str, where: list[str]) -> Any:
-    """Step into ``node[key]``, creating a missing section (but never a missing list item)."""
-    if isinstance(node, list):
-        return node[_index(node, key, where[:-1])]
-    if not isinstance(node, dict):
-        raise ScenarioError(f"--set {'.'.join(where)}: {'.'.join(where[:-2])} is not a section")
-    if node.get(key) is None:
-        node[key] = [] if where[-1].isdigit() else {}
-    return node[key]
+def _is_index(key: str) -> bool:
+    return key.isascii() and key.isdigit()
 
 
-def _index(node: list, key: str, where: list[str]) -> int:
-    if not key.isdigit() or int(key) >= len(node):
-        raise ScenarioError(f"--set {'.'.join(where)}: index {key} out of range (the list has {len(node)} items)")
+def _index(node: list, key: str, here: str, label: str) -> int:
+    if not _is_index(key):
+        raise ScenarioError(f"{label}: {here} is a list; name an item by its position, e.g. {here}.0 or {here}[0]")
+    if len(key) > 9 or int(key) >= len(node):
+        where = f"{here} has {len(node)} items, 0 to {len(node) - 1}" if node else f"{here} is an empty list"
+        raise ScenarioError(f"{label}: index {excerpt(key, 20)} out of range ({where}); name an item it has, "
+                            f"or set the whole list, e.g. --set '{here}=[...]'")
     return int(key)
 
 
@@ -557,11 +719,23 @@ def validate_scenario(raw: dict) -> Scenario:
     try:
         scenario = Scenario.model_validate(raw)
     except ValidationError as exc:
-        raise ScenarioError(_union_merged([_describe(err) for err in exc.errors()])) from None
+        raise ScenarioError(capped(_union_merged([_describe(err) for err in exc.errors()]))) from None
     return scenario
 
 
-_UNION_BRANCH = re.compile(r"\.(constrained-int|int|str|float|list\[[^\]]*\]|literal\[[^\]]*\]):")
+MAX_PROBLEMS = 20
+"""Error lines shown at once: a list of 100,000 wrong items is one problem, not a screenful."""
+
+
+def capped(problems: list[str], limit: int = MAX_PROBLEMS) -> list[str]:
+    """``problems`` without repeats, the first ``limit`` of them and a line saying how many more there are."""
+    unique = list(dict.fromkeys(problems))
+    if len(unique) <= limit:
+        return unique
+    return unique[:limit] + [f"scenario: {len(unique) - limit:,} more problems not shown; fix the ones above and check again"]
+
+
+_UNION_BRANCH = re.compile(r"\.(constrained-int|int|str|float|list\[[^\]]*\]|literal\[[^\]]*\])(?=[:.\[])")
 
 
 def _union_merged(lines: list[str]) -> list[str]:
@@ -569,23 +743,25 @@ def _union_merged(lines: list[str]) -> list[str]:
     each branch in the path. One line per field, its branches' reasons joined with "or"."""
     merged: dict[str, list[str]] = {}
     for line in lines:
-        field, _, reason = _UNION_BRANCH.sub(":", line, count=1).partition(": ")
+        field, _, reason = _UNION_BRANCH.sub("", line, count=1).partition(": ")
         merged.setdefault(field, []).append(reason)
     return [f"{field}: {' or '.join(dict.fromkeys(reasons))}" if reasons != [""] else field
             for field, reasons in merged.items()]
 
 
 def field_path(loc: tuple) -> str:
+    """``data.canaries.custom[0].text`` from a pydantic location; a long key is cut (it may be a whole file)."""
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        part = part if isinstance(part, int) else excerpt(str(part), 40)
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
     return out or "scenario"
 
 
 _MESSAGES = {
     "greater_than_equal": "must be ≥ {ge}",
     "greater_than": "must be > {gt}",
-    "less_than_equal": "must be ≤ {le}",
+    "less_than_equal": "must be ≤ {le:,}, the largest value fedsec accepts here",
     "less_than": "must be < {lt}",
     "missing": "is required",
 }
@@ -598,14 +774,21 @@ def _describe(err: dict) -> str:
         return f"{field_path(loc)}: unknown field{suggest(loc[-1], _known_fields(loc[:-1]))}"
     if kind in _MESSAGES:
         return f"{field_path(loc)}: " + _MESSAGES[kind].format(**err.get("ctx", {}))
+    if kind == "invalid_key":  # YAML reads yes/no/on/off as booleans, null and ~ as nothing, 1 as a number
+        where = field_path(tuple(str(p) for p in loc[:-1]) + (str(err["input"]),))
+        return (f"{where}: a field name must be text, and YAML read this one as {value_excerpt(err['input'])}; "
+                "quote it, or remove it")
     if kind == "literal_error":
-        return f"{field_path(loc)}: got {err['input']!r}, expected {err['ctx']['expected']}"
+        return f"{field_path(loc)}: got {value_excerpt(err['input'])}, expected {err['ctx']['expected']}"
     msg = err["msg"].removeprefix("Value error, ")
-    return msg if kind == "value_error" and not loc else f"{field_path(loc)}: {msg}"
+    where = field_path(loc)
+    if kind == "value_error" and (not loc or msg.startswith(f"{where}.") or msg.startswith(f"{where}:")):
+        return msg  # a section's own check names its fields itself
+    return f"{where}: {msg}"
 
 
 def suggest(word: Any, options: list[str]) -> str:
-    close = difflib.get_close_matches(str(word), options, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(excerpt(str(word), 100), options, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else (f" (known: {', '.join(options)})" if options else "")
 
 

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-from .errors import ScenarioError
+from .errors import ScenarioError, excerpt
 from .plan import Plan, resolve
-from .scenario import Scenario, apply_override, read_yaml, validate_scenario
+from .scenario import (Scenario, apply_override, capped, field_keys, plain_copy, read_yaml, set_field,
+                       validate_scenario)
 
 
 @dataclass
@@ -37,37 +39,49 @@ class ChildOutcome:
     error: str | None = None
 
 
+MAX_COMBINATIONS = 1000
+"""Children one sweep may have: each is a whole run, and all are validated before the first starts."""
+MAX_LABEL = 200
+"""Characters of a child's label (it is part of its MLflow run name)."""
+
+
 def expand(raw: dict, overrides: list[str] | None = None) -> tuple[Scenario, list[Child]]:
     """The base scenario and one validated child per combination of the matrix."""
-    raw = json.loads(json.dumps(raw))
+    raw = plain_copy(raw, "the scenario")
     for item in overrides or []:
         apply_override(raw, item)
     base = resolve(validate_scenario(raw)).scenario
     matrix = raw.pop("matrix", None) or {}
+    count = math.prod(len(options) for options in matrix.values())
+    if count > MAX_COMBINATIONS:
+        sizes = " x ".join(str(len(options)) for options in matrix.values())
+        raise ScenarioError(f"matrix: {sizes} = {count:,} combinations, over the {MAX_COMBINATIONS:,} one sweep may "
+                            "run; give fewer alternatives, or split it into several sweeps")
+    keys = {path: field_keys(path, f"matrix.{path}") for path in matrix}
     children, problems = [], []
     for combo in itertools.product(*matrix.values()):
         child_raw = json.loads(json.dumps(raw))
         choice = dict(zip(matrix, combo))
-        for path, value in choice.items():
-            apply_override(child_raw, f"{path}={json.dumps(value)}")
-        label = " ".join(f"{path}={_short(value)}" for path, value in choice.items()) or base.name
-        child_raw.setdefault("tracking", {})["run_name"] = f"{base.name} [{label}]"
+        label = excerpt(" ".join(f"{path}={_short(value)}" for path, value in choice.items()), MAX_LABEL)
         try:
-            children.append(Child(label, resolve(validate_scenario(child_raw))))
+            for path, value in choice.items():
+                set_field(child_raw, keys[path], json.loads(json.dumps(value)), f"matrix.{path}")
+            child_raw.setdefault("tracking", {})["run_name"] = f"{base.name} [{label or base.name}]"
+            children.append(Child(label or base.name, resolve(validate_scenario(child_raw))))
         except ScenarioError as exc:
             problems += [f"matrix combination [{label}]: {p}" for p in exc.problems]
     if problems:
-        raise ScenarioError(problems)
+        raise ScenarioError(capped(problems))
     return base, children
 
 
 def _short(value) -> str:
     """A readable label for one alternative: plugin lists show their names."""
-    if isinstance(value, list) and all(isinstance(v, dict) and "name" in v for v in value):
-        return "+".join(v["name"] for v in value) or "none"
-    if isinstance(value, dict) and "name" in value:
-        return value["name"]
-    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    if isinstance(value, list) and all(isinstance(v, dict) and isinstance(v.get("name"), str) for v in value):
+        return "+".join(excerpt(v["name"], 40) for v in value) or "none"
+    if isinstance(value, dict) and isinstance(value.get("name"), str):
+        return excerpt(value["name"], 40)
+    return excerpt(json.dumps(value) if isinstance(value, (list, dict)) else str(value), 60)
 
 
 def run_sweep(path: str | Path, overrides: list[str] | None, jobs: int | None, on_child=None, executor: str = "processes"):

@@ -2,7 +2,8 @@
 
 Every run also has a local folder (``tracking.output_dir/<scenario>/<run id>``) holding
 the same artifacts, so results can be read without MLflow. ``summary.json`` is written
-last and atomically: a folder without it is a run that did not finish.
+last and atomically; its ``status`` (FINISHED, KILLED or FAILED) says how the run ended,
+and a folder without one is a run still going or one whose process died.
 """
 
 from __future__ import annotations
@@ -16,49 +17,76 @@ import uuid
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from . import checkpoint, liveness, store
+from .interruption import Interrupted
+from .reporting import history_frame, plot_curves
 from .scenario import Scenario
 
 TRACKED_PACKAGES = ("fedsec-bench", "torch", "transformers", "peft", "opacus", "tenseal", "mlflow")
 
 
 class Tracker:
-    """Opens a run on entry; on exit marks it FINISHED, or FAILED with the traceback logged."""
+    """The record of one run: an MLflow run (when tracking is enabled) and the local run folder.
 
-    def __init__(self, scenario: Scenario, parent_run_id: str | None = None, kind: str = "run"):
+    On exit the run is marked by how it ended: FINISHED; KILLED when a signal stopped it
+    (:class:`~fedsec_bench.interruption.Interrupted`); FAILED on any other exception, with
+    the traceback in ``error.txt``. Either way the metrics so far are in ``metrics.csv`` (and
+    ``curves.png``, except after a signal, whose sender is waiting for the process to end), and a run that did not finish gets a ``summary.json`` that says so and
+    where it stopped, so no folder looks finished when it is not.
+    """
+
+    def __init__(self, scenario: Scenario, parent_run_id: str | None = None, kind: str = "run",
+                 resume_id: str | None = None):
         self.scenario = scenario
         self.config = scenario.tracking
         self.parent_run_id = parent_run_id
         self.kind = kind
         """"run" for one scenario, "sweep" for the parent of a sweep's children."""
+        self.resume_id = resume_id
+        """The run to reopen (``fedsec run --resume``): its MLflow run id, or its folder's name when untracked."""
         self.client = None
         self.run_id: str | None = None
+        self.history: list[dict[str, float]] = []
+        """One record per logged round ({"round": r, metric: value, ...}), as logged."""
 
     def __enter__(self) -> Tracker:
         if self.config.enabled:
-            self._start_mlflow_run()
-        folder_id = self.run_id or uuid.uuid4().hex
-        self.run_dir = Path(self.config.output_dir) / self.scenario.name / folder_id
+            self._reopen_mlflow_run() if self.resume_id else self._start_mlflow_run()
+        self.run_dir = run_folder(self.scenario, self.resume_id or self.run_id or uuid.uuid4().hex)
         self.artifact_dir = self.run_dir / "artifacts"
         self.artifact_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "scenario.yaml").write_text(self.scenario.to_yaml())
+        (self.run_dir / "summary.json").unlink(missing_ok=True)  # a resumed run is unfinished again
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc is not None:
+        self.status = status = run_status(exc)
+        self.resumable = any((self.run_dir / checkpoint.FOLDER).glob("round-*.pt"))
+        if self.history:
+            self._write_history(plot=status != "KILLED")  # a signal's sender waits: matplotlib takes seconds
+        if status == "FAILED":
             (self.run_dir / "error.txt").write_text("".join(traceback.format_exception(exc_type, exc, tb)))
+        if status != "FINISHED":
+            self.write_summary({
+                "scenario": self.scenario.name, "run_id": self.run_id, "status": status,
+                "rounds": self.scenario.federation.rounds, "completed_rounds": self.completed_rounds,
+                "error": _one_line(exc), "resumable": self.resumable,
+            })
         if self.client is not None:
             self.client.log_artifacts(self.run_id, str(self.run_dir))
-            self.client.set_terminated(self.run_id, "FAILED" if exc is not None else "FINISHED")
+            self.client.set_terminated(self.run_id, status)
+
+    @property
+    def completed_rounds(self) -> int:
+        return int(self.history[-1]["round"]) if self.history else 0
 
     def _start_mlflow_run(self) -> None:
         from mlflow.tracking import MlflowClient
 
+        store.prepare_store(self.config.uri)
         self.client = MlflowClient(tracking_uri=self.config.uri)
-        experiment = self.client.get_experiment_by_name(self.config.experiment)
-        experiment_id = (
-            experiment.experiment_id if experiment else self.client.create_experiment(self.config.experiment)
-        )
-        tags = run_tags(self.scenario) | {"fedsec.kind": self.kind}
+        experiment_id = store.get_or_create_experiment(self.client, self.config.experiment, self.config.uri)
+        tags = run_tags(self.scenario) | liveness.run_process_tags() | {"fedsec.kind": self.kind}
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id  # MLflow's own nesting: the UI folds children under it
         run = self.client.create_run(experiment_id, run_name=self.config.run_name or self.scenario.name, tags=tags)
@@ -69,12 +97,36 @@ class Tracker:
             self.client.set_terminated(self.run_id, "FAILED")
             raise
 
+    def _reopen_mlflow_run(self) -> None:
+        """Mark the interrupted run RUNNING again, owned by this process; its params are already logged."""
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=self.config.uri)
+        self.run_id = self.resume_id
+        self.client.update_run(self.run_id, status="RUNNING")
+        for key, value in (liveness.run_process_tags() | {"fedsec.stale": "false"}).items():
+            self.client.set_tag(self.run_id, key, value)
+
     def _log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, v) for k, v in params.items()]
         for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def log_round(self, rnd: int, metrics: dict[str, float]) -> None:
+        """One round's figures: logged at step ``rnd``, kept in the history, and the run's heartbeat renewed
+        (how ``fedsec runs --stale`` tells a live run from one whose process died)."""
+        self.log_metrics(metrics, step=rnd)
+        self.history.append({"round": rnd, **metrics})
+        if self.client is not None:
+            for key, value in liveness.heartbeat_tag().items():
+                self.client.set_tag(self.run_id, key, value)
+
+    def log_final(self, metrics: dict[str, float]) -> None:
+        """Figures computed once on the final model: logged at the last round's step, added to its record."""
+        self.log_metrics(metrics, step=self.completed_rounds)
+        self.history[-1].update(metrics)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.client is None:
@@ -95,13 +147,35 @@ class Tracker:
         if self.client is not None:
             self.client.log_table(self.run_id, data=frame, artifact_file=artifact_file)
 
+    def _write_history(self, plot: bool) -> None:
+        frame = history_frame(self.history)
+        frame.to_csv(self.artifact_dir / "metrics.csv")
+        if plot:
+            plot_curves(frame, self.artifact_dir / "curves.png", self.scenario.name)
+
     def write_summary(self, summary: dict) -> Path:
-        """Atomically write summary.json: it exists only for runs that finished."""
+        """Atomically write summary.json; its ``status`` says whether the run finished."""
         path = self.run_dir / "summary.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
         os.replace(tmp, path)
         return path
+
+
+def run_folder(scenario: Scenario, run_id: str) -> Path:
+    """``tracking.output_dir/<scenario>/<run id>``: the local record of one run."""
+    return Path(scenario.tracking.output_dir) / scenario.name / run_id
+
+
+def run_status(exc: BaseException | None) -> str:
+    """MLflow's status for a run that ended with ``exc``: a signal is KILLED, anything else FAILED."""
+    if exc is None:
+        return "FINISHED"
+    return "KILLED" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "FAILED"
+
+
+def _one_line(exc: BaseException | None) -> str | None:
+    return None if exc is None else f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
 
 
 def flatten(tree, prefix: str = "") -> dict[str, str]:

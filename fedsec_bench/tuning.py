@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig, PromptTuningConfig, TaskType, get_peft_model
 from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
+from .errors import ScenarioError, excerpt
 from .messages import State
 from .scenario import TuningConfig
 
@@ -34,10 +36,30 @@ def apply_tuning(model: PreTrainedModel, tuning: TuningConfig) -> torch.nn.Modul
     else:
         config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=tuning.prompt.num_virtual_tokens)
     # autocast_adapter_dtype (the default) keeps LoRA adapters and the soft prompt float32 on a 16-bit base
-    peft_model = get_peft_model(model, config)
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as exc:  # PEFT: target modules not found, or no default ones for this architecture
+        if tuning.mode != "lora":
+            raise
+        names = adaptable_modules(model)
+        raise ScenarioError(
+            f"tuning.lora.target_modules: PEFT refused them ({exc_line(exc).rstrip('.')}); name some of this "
+            f"model's layers: {', '.join(names)}"
+        ) from None
     if tuning.mode == "lora" and tuning.lora.aggregation == "ffa":
         freeze_lora_a(peft_model)
     return peft_model
+
+
+def adaptable_modules(model: torch.nn.Module) -> list[str]:
+    """The names (last part) of the layers LoRA can adapt: linear, GPT-2's Conv1D, embeddings, convolutions."""
+    kinds = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, Conv1D)
+    return sorted({name.rpartition(".")[2] for name, module in model.named_modules() if isinstance(module, kinds)})
+
+
+def exc_line(exc: BaseException) -> str:
+    """An exception's message on one bounded line."""
+    return excerpt(" ".join(str(exc).split()), 200)
 
 
 LORA_A = (".lora_A.", ".lora_embedding_A.")

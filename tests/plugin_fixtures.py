@@ -8,7 +8,6 @@ from typing import Literal
 
 import torch
 
-from fedsec_bench.messages import Message
 from fedsec_bench.plugins import Options, Plugin
 from fedsec_bench.updates import zeros_like
 
@@ -51,9 +50,9 @@ class Recorder(Plugin):
         self.calls.append(("post_aggregation", round.round))
         return aggregate
 
-    def round_end(self, round, metrics):
-        self.calls.append(("round_end", round.round))
-        self.local_steps.extend(r.local_steps for r in round.reports)
+    def score_round(self, round, truth, metrics):
+        self.calls.append(("score_round", round.round))
+        self.local_steps.extend(r.local_steps for r in truth.reports)
         return {"recorder.round": float(round.round)}
 
     def training_end(self, runtime):
@@ -70,7 +69,7 @@ class OpaqueTransport(Plugin):
     sends_plain = False
 
     def transport(self, client, message):
-        return Message(message.client_id, message.num_examples, b"\x00" * 16, 16)
+        return message.carrying(b"\x00" * 16, 16)
 
     def aggregation(self, round, messages):
         return zeros_like(round.global_state)
@@ -95,8 +94,8 @@ class Crash(Plugin):
     name = "crash"
     kind = "attack"
 
-    def round_end(self, round, metrics):
-        raise RuntimeError("boom in round_end")
+    def score_round(self, round, truth, metrics):
+        raise RuntimeError("boom in score_round")
 
 
 class FlakyClientOptions(Options):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import tracemalloc
 
 import numpy as np
@@ -190,3 +191,37 @@ def test_datasets_library_path_on_a_local_file(tiny, table, tmp_path, monkeypatc
     data = data_for(tiny)
     members = [t for c in range(4) for t in data.client_examples(c)]
     assert sorted(e.response for e in members + data.heldout + data.public) == sorted(table.text)
+
+
+@pytest.mark.parametrize("suffix, content", [
+    (".jsonl", '{"text": "a"}\n{"text": \n'),
+    (".csv", 'a,b\n1,2,3,4\n"x'),
+    (".parquet", "PAR1 not parquet"),
+    (".json", "{not json"),
+])
+def test_a_malformed_file_is_named_with_a_bounded_excerpt_of_the_readers_message(tiny, tmp_path, suffix, content):
+    path = tmp_path / f"bad{suffix}"
+    path.write_text(content)
+    tiny["data"] = {"source": "files", "path": str(path), "canaries": {"count": 0}}
+    with pytest.raises(ScenarioError) as info:
+        data_for(tiny)
+    [problem] = info.value.problems
+    assert problem.startswith(f"data.path: {path} could not be read as {suffix[1:]} (")
+    assert "\n" not in problem and len(problem) < 600
+
+
+def test_a_used_up_synthetic_corpus_gives_up_after_a_few_draws_not_a_hundred():
+    """One topic has some 50,000 distinct sentences: asking for 300,000 held-out ones took four minutes of
+    draws before; a draw that brings almost nothing new ends it."""
+    from fedsec_bench.data.federated import fresh
+
+    draws, rng = [], random.Random(0)
+
+    def draw(count):
+        draws.append(count)
+        return [f"s{rng.randrange(1000)}" for _ in range(count)], None  # a corpus of 1,000 distinct records
+
+    with pytest.raises(ValueError, match="data.heldout_examples: the synthetic corpus gave only 1000 of 50000"):
+        fresh(draw, 50_000, exclude=set(), what="data.heldout_examples")
+    assert len(draws) == 2
+    assert len(fresh(draw, 900, exclude={"s1"}, what="data.heldout_examples")) == 900

@@ -22,6 +22,7 @@ from fedsec_bench.data import build_federated_data
 from fedsec_bench.data.batching import IGNORE_INDEX
 from fedsec_bench.defenses.dp_sgd import per_example_losses, release
 from fedsec_bench.executors import LocalExecutor
+from fedsec_bench.ground_truth import RoundTruth
 from fedsec_bench.messages import Message, RoundContext
 from fedsec_bench.plan import load_plan, load_scenario
 from fedsec_bench.plugins import HookChain, Options
@@ -150,12 +151,13 @@ def instruction_runtime(tiny, tmp_path, **federation):
     return build_runtime(plan.scenario, build_federated_data(plan.scenario), torch.device("cpu"), tmp_path), plan
 
 
-def train_round(rt, hooks) -> tuple[list[Message], RoundContext]:
-    """Round 1's local training of every client through ``hooks``, as the local executor runs it."""
+def train_round(rt, hooks) -> tuple[list[Message], RoundContext, RoundTruth]:
+    """Round 1's local training of every client through ``hooks``, as the local executor runs it: what the
+    server receives, the round as it knows it, and the simulator's truth of it."""
     round = RoundContext(1, rt, list(range(rt.data.num_clients)), rt.trainable.snapshot())
     messages, reports = zip(*LocalExecutor(hooks).run_clients(round))
-    round.reports, round.delivered = list(reports), [m.client_id for m in messages]
-    return list(messages), round
+    round.delivered = [m.client_id for m in messages]
+    return list(messages), round, RoundTruth(list(reports))
 
 
 def plain_messages(round) -> list[Message]:
@@ -206,7 +208,7 @@ def test_transport_defenses_aggregate_the_plain_fedavg_of_instruction_updates(ti
     tiny["defenses"] = [{"name": name, **OPTIONS.get(name, {})}]
     rt, plan = instruction_runtime(tiny, tmp_path)
     hooks = plan.hook_chain(rt)
-    messages, round = train_round(rt, hooks)
+    messages, round, _ = train_round(rt, hooks)
     plain = plain_messages(round)
     assert all(flatten(m.payload).norm() > CLIP for m in plain)
     assert len({m.num_examples for m in plain}) > 1, "unequal example counts: the weighting shows"
@@ -238,7 +240,7 @@ def test_robust_rules_keep_the_honest_direction_on_instruction_updates(tiny, tmp
     tiny["federation"].update(num_clients=10)
     tiny["attacks"] = [{"name": "sign_flip", "clients": FLIPPERS, "scale": 8.0}]
     rt, plan = instruction_runtime(tiny, tmp_path)
-    messages, round = train_round(rt, plan.hook_chain(rt))
+    messages, round, truth = train_round(rt, plan.hook_chain(rt))
     honest = torch.stack([flatten(m.payload) for m in plain_messages(round)[len(FLIPPERS):]]).mean(0)
     assert cosine(flatten(fedavg(messages, round.global_state)), honest) < 0
     X = torch.stack([flatten(m.payload) for m in messages])
@@ -247,7 +249,7 @@ def test_robust_rules_keep_the_honest_direction_on_instruction_updates(tiny, tmp
         hooks = load_plan(tiny).hook_chain(rt)
         aggregate = server_aggregate(hooks, round, messages)
         assert cosine(aggregate, honest) > 0.5, name
-        assert hooks.round_end(round, {})["robust.exclusion_recall"] == 1.0, name
+        assert hooks.score_round(round, truth, {})["robust.exclusion_recall"] == 1.0, name
         if name == "krum":
             scores = ref_krum_scores(X.double().tolist(), f=3)
             assert torch.equal(aggregate, X[int(np.argmin(scores))]) and np.argmin(scores) not in FLIPPERS

@@ -13,7 +13,8 @@ import torch
 import fedsec_bench
 from fedsec_bench.aggregation import fedavg
 from fedsec_bench.errors import ScenarioError
-from fedsec_bench.messages import ClientContext, ClientReport, Message, RoundContext
+from fedsec_bench.ground_truth import ClientReport, RoundTruth
+from fedsec_bench.messages import ClientContext, Message, RoundContext
 from fedsec_bench.plan import load_scenario
 from fedsec_bench.defenses.accounting import Ledger
 from fedsec_bench.defenses.dp_fedavg import DPFedAvg, update_noise_multiplier
@@ -63,26 +64,29 @@ def make_plugin(tiny, num_clients=4, per_round=2, **options):
 
 
 def one_round(plugin, updates, rnd=1):
-    """Client side (clip, maybe noise, transport) then FedAvg then the plugin's server side, as the round loop does."""
+    """Client side (clip, maybe noise, transport) then FedAvg then the plugin's server side, as the round loop
+    does; returns the aggregate and the plugin's scorer's figures."""
     like = {name: torch.zeros_like(t) for name, t in updates[0].items()}
     messages, reports = [], []
     for cid, update in enumerate(updates):
         client = ClientContext(cid, rnd, seed=100 + cid, runtime=plugin.runtime)
         sent = plugin.client_update(client, update)
-        messages.append(plugin.transport(client, Message.of_update(cid, num_examples=10 + cid, update=sent)))
+        message = Message.of_update(cid, num_examples=10 + cid, update=sent, side=client.side)
+        messages.append(plugin.transport(client, message))
         reports.append(ClientReport(cid, 10 + cid, 0.0, 1, dict(client.metrics)))
-    round = RoundContext(rnd, plugin.runtime, list(range(len(updates))), like, reports,
-                         delivered=list(range(len(updates))))
-    return plugin.post_aggregation(round, fedavg(messages, like)), round
+    ids = list(range(len(updates)))
+    round = RoundContext(rnd, plugin.runtime, ids, like, delivered=ids)
+    plugin.server_observation(round, messages)
+    aggregate = plugin.post_aggregation(round, fedavg(messages, like))
+    return aggregate, plugin.score_round(round, RoundTruth(reports), {})
 
 
 def test_clipped_sum_over_the_expected_number_of_clients(tiny):
     plugin = make_plugin(tiny, noise_multiplier=0.0, clip_norm=1.0)
     updates = [{"w": torch.tensor([0.3, 0.4])}, {"w": torch.tensor([6.0, 8.0])}, {"w": torch.tensor([0.0, -2.0])}]
-    out, _ = one_round(plugin, updates)
+    out, figures = one_round(plugin, updates)
     clipped = torch.tensor([0.3, 0.4]) + torch.tensor([0.6, 0.8]) + torch.tensor([0.0, -1.0])
     torch.testing.assert_close(out["w"], clipped / 2.0)  # q·N = 2/4·4 = 2, though 3 clients took part
-    figures = plugin.round_end(None, {})
     assert figures["dp_fedavg.clipped_fraction"] == pytest.approx(2 / 3)
     assert figures["privacy.user_epsilon"] == math.inf  # clipping only: reported, not a crash
 
@@ -98,9 +102,8 @@ def test_noise_on_the_sum_has_std_z_times_clip(tiny, distributed):
 
 def test_distributed_round_below_min_clients_is_skipped(tiny):
     plugin = make_plugin(tiny, noise_multiplier=1.0, distributed=True, min_clients=2)
-    out, _ = one_round(plugin, [{"w": torch.ones(10)}])
+    out, figures = one_round(plugin, [{"w": torch.ones(10)}])
     assert torch.count_nonzero(out["w"]) == 0
-    figures = plugin.round_end(None, {})
     assert figures["dp_fedavg.skipped_round"] == 1.0 and figures["privacy.user_epsilon"] > 0
 
 

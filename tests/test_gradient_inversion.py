@@ -29,7 +29,7 @@ from fedsec_bench.client import client_round
 from fedsec_bench.data import build_federated_data
 from fedsec_bench.data.batching import Batcher, Encoded
 from fedsec_bench.errors import ScenarioError
-from fedsec_bench.messages import ClientContext, Message, RoundContext
+from fedsec_bench.messages import ClientContext, Message
 from fedsec_bench.plugins import HookChain
 from fedsec_bench.runtime import build_runtime
 from fedsec_bench.plan import load_scenario
@@ -183,11 +183,10 @@ def test_several_local_steps_are_a_pseudo_gradient_over_every_batch_seen(world):
     fed.local_steps, fed.batch_size = 2, 2
     world.batcher = Batcher(world.tokenizer, SEQ_LEN, 2)
     try:
-        round = RoundContext(round=3, runtime=world, sampled=[1], global_state={})
         loader = world.batcher.loader(world.data.client_examples(1), seed=world.seed_for(3, 1))
         batches = [b for _, b in zip(range(2), loader)]
         expected = [ids[mask.bool()].tolist()[:-1] for b in batches for ids, mask in zip(b["input_ids"], b["attention_mask"])]
-        truth = trained_sequences(round, 1)
+        truth = trained_sequences(world, 3, 1)
         assert [s.ids for s in truth] == expected and all(all(s.is_response) for s in truth)  # a text is all response
         assert not exact_gradient(fed, [8]) and exact_gradient(fed.model_copy(update={"local_steps": 1}), [8])
     finally:
@@ -289,8 +288,7 @@ def test_truth_marks_exactly_the_response_tokens_whatever_train_on_prompt_says(p
     (tokenized apart, as the batcher does), the rest the rendered prompt (its tail, if it was cut)."""
     rt = prompted_world
     observe(rt, 2)
-    round = RoundContext(round=1, runtime=rt, sampled=[0], global_state={})
-    truth = trained_sequences(round, 0)
+    truth = trained_sequences(rt, 1, 0)
     records = {tuple(rt.batcher.tokens([e.response])[0]): rt.batcher.tokens([rt.batcher.renderer.render(e)])[0]
                for e in rt.data.client_examples(0)}
     assert len(truth) == 2
@@ -301,15 +299,14 @@ def test_truth_marks_exactly_the_response_tokens_whatever_train_on_prompt_says(p
         assert seq.is_response == sorted(seq.is_response)  # the prompt, then the response
     rt.batcher.train_on_prompt = True
     try:
-        assert trained_sequences(round, 0) == truth
+        assert trained_sequences(rt, 1, 0) == truth
     finally:
         rt.batcher.train_on_prompt = False
 
 
 def test_part_recalls_count_each_part_on_its_own_positions(prompted_world):
     observe(prompted_world, 2)
-    round = RoundContext(round=1, runtime=prompted_world, sampled=[0], global_state={})
-    truth = trained_sequences(round, 0)
+    truth = trained_sequences(prompted_world, 1, 0)
     prompt, response = metrics.part_tokens(truth, response=False), metrics.part_tokens(truth, response=True)
     assert prompt - response and response - prompt, "the premise: each part has tokens of its own"
     only_response = metrics.part_recalls(truth, [sorted(response)])
@@ -325,7 +322,7 @@ def test_token_leak_reads_the_prompt_tokens_the_loss_masks_out(prompted_world):
     Only the output layer's part shrinks, to the N positions that predict a response token."""
     rt = prompted_world
     view, grad, batch, _ = observe(rt, 1)
-    truth = trained_sequences(RoundContext(round=1, runtime=rt, sampled=[0], global_state={}), 0)
+    truth = trained_sequences(rt, 1, 0)
     assert [s.ids for s in truth] == batch
     result = token_leak(view, grad, PROMPTED_LEN, OPTIONS)
     leaked = sorted(set(result.sequences[0]) - set(rt.tokenizer.all_special_ids))

@@ -15,7 +15,8 @@ from fedsec_bench import load_scenario, run
 from fedsec_bench.aggregation import fedavg
 from fedsec_bench.defenses.he_aggregation import EncryptedSum, HEAggregation, HEAggregationOptions, KeyHolders
 from fedsec_bench.errors import ScenarioError
-from fedsec_bench.messages import ClientContext, ClientReport, Message, RoundContext
+from fedsec_bench.ground_truth import ClientReport, RoundTruth
+from fedsec_bench.messages import ClientContext, Message, RoundContext
 from fedsec_bench.updates import flatten
 
 CKKS_TOLERANCE = 2.0**-20
@@ -46,12 +47,14 @@ def stub_runtime(mode: str) -> SimpleNamespace:
     return SimpleNamespace(scenario=SimpleNamespace(seed=0, tuning=SimpleNamespace(mode=mode)))
 
 
-def encrypted_round(plugin, runtime, plain: list[Message], like) -> tuple[list[Message], RoundContext]:
-    """Each client's transport, then the round as the server's hooks get it (with the clients' reports)."""
+def encrypted_round(plugin, runtime, plain: list[Message], like) -> tuple[list[Message], RoundContext, RoundTruth]:
+    """Each client's transport, then the round as the server's hooks get it, and the simulator's truth of it
+    (the clients' reports, for the scorer)."""
     clients = [ClientContext(m.client_id, 1, 0, runtime) for m in plain]
     sent = [plugin.transport(c, m) for c, m in zip(clients, plain)]
     reports = [ClientReport(c.client_id, m.num_examples, 0.0, 1, c.metrics, c.notes) for c, m in zip(clients, plain)]
-    return sent, RoundContext(1, runtime, [m.client_id for m in plain], like, reports)
+    ids = [m.client_id for m in plain]
+    return sent, RoundContext(1, runtime, ids, like, delivered=ids), RoundTruth(reports)
 
 
 @pytest.mark.parametrize("spool", ["memory", "disk"])
@@ -67,14 +70,14 @@ def test_decrypted_aggregate_is_fedavg_within_ckks_error(spool):
         Message.of_update(cid, n, {k: torch.randn(t.shape, generator=gen) * 0.01 for k, t in like.items()})
         for cid, n in enumerate(counts)
     ]
-    sent, round = encrypted_round(plugin, runtime, plain, like)
+    sent, round, truth = encrypted_round(plugin, runtime, plain, like)
     for message in sent:
         chunks = message.payload.chunks
         assert len(chunks) == math.ceil(8300 / 4096)  # packed N/2 values per ciphertext, not one per value
         assert message.num_bytes == sum(len(chunks[j]) for j in range(len(chunks)))
     aggregate = plugin.aggregation(round, sent)
     error = (flatten(aggregate) - flatten(fedavg(plain, like))).abs().max().item()
-    figures = plugin.round_end(round, {})
+    figures = plugin.score_round(round, truth, {})
     assert error < CKKS_TOLERANCE
     assert figures["he.max_abs_error"] == pytest.approx(error, abs=1e-8)  # up to the float32 rounding of the model
     assert figures["he.expansion_ratio"] == pytest.approx(np.mean([m.num_bytes for m in sent]) / (4 * 8300))

@@ -50,7 +50,7 @@ class Witness(Plugin):
         total = sum(m.num_examples for m in messages)
         self.rounds.append({"weights": [m.num_examples / total for m in messages], "clients": clients})
 
-    def round_end(self, round, metrics):
+    def score_round(self, round, truth, metrics):
         self.rounds[-1]["global"] = effective_weights(self.runtime.model)
 
 

@@ -4,6 +4,7 @@ where bitsandbytes cannot run, the same gradients with less memory."""
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import torch
@@ -210,3 +211,63 @@ def test_dp_sgd_refuses_grad_accumulation(tiny):
     with pytest.raises(ScenarioError) as caught:
         load_scenario(tiny, ["federation.grad_accumulation=2"])
     assert caught.value.problems[0].startswith("defenses[0] (dp_sgd): federation.grad_accumulation > 1 is not supported")
+
+
+# --------------------------------------------------------------------------- loading failures are ScenarioErrors
+
+
+def test_a_checkpoint_shorter_than_the_sequences_is_refused_by_check_model_fits(tiny, tmp_path):
+    from fedsec_bench.models import check_model_fits
+
+    tiny["model"]["max_positions"] = 24
+    tiny["data"]["seq_len"] = 16
+    folder = saved(tiny, tmp_path / "short")
+    loaded = {**tiny, "model": {"name_or_path": folder}}
+    scenario, _, model = build(loaded, "data.seq_len=24")
+    check_model_fits(model, scenario)  # exactly its positions
+    scenario = load_scenario(loaded, ["data.seq_len=32"])
+    with pytest.raises(ScenarioError, match=r"^data.seq_len: 32 exceeds the 24 positions of the checkpoint"):
+        check_model_fits(model, scenario)
+    scenario = load_scenario(loaded, ["data.seq_len=20", "tuning.mode=prompt", "tuning.prompt.num_virtual_tokens=8"])
+    with pytest.raises(ScenarioError, match=r"num_virtual_tokens \(8\) exceeds .*at most 16$"):
+        check_model_fits(model, scenario)
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("/nonexistent/model", "model.name_or_path: '/nonexistent/model' does not exist"),
+    ("nobody-here/no-such-model", "model.name_or_path: 'nobody-here/no-such-model' is neither a local folder nor in "
+     "the Hugging Face cache, and the Hub"),
+])
+def test_a_missing_checkpoint_fails_in_seconds_with_the_field_named(tiny, name, problem, monkeypatch):
+    """No network here: huggingface_hub would retry each file five times (about 25 s) before failing."""
+    import fedsec_bench.hub as hub
+
+    monkeypatch.setattr(hub, "hub_reachable", lambda: False)  # as offline CI is, whatever this machine has
+    tiny["model"] = {"name_or_path": name}
+    started = time.perf_counter()
+    with pytest.raises(ScenarioError) as info:
+        build(tiny)
+    assert time.perf_counter() - started < 5
+    assert info.value.problems[0].startswith(problem)
+
+
+def test_a_folder_without_tokenizer_files_is_refused_not_read_as_an_empty_tokenizer(tiny, tmp_path):
+    _, _, model = build(tiny)
+    model.save_pretrained(tmp_path / "weights-only")
+    tiny["model"] = {"name_or_path": str(tmp_path / "weights-only")}
+    with pytest.raises(ScenarioError, match=r"^model.name_or_path: the tokenizer of .* holds no tokenizer files"):
+        build(tiny)
+
+
+def test_unknown_lora_target_modules_are_refused_with_the_models_own_layer_names(tiny):
+    scenario, _, model = build(tiny, "tuning.lora.target_modules=[q_proj, nope]")
+    with pytest.raises(ScenarioError) as info:
+        apply_tuning(model, scenario.tuning)
+    [problem] = info.value.problems
+    assert problem.startswith("tuning.lora.target_modules: PEFT refused them")
+    assert problem.endswith("name some of this model's layers: c_attn, c_fc, c_proj, lm_head, wpe, wte")
+
+
+def test_a_built_vocabulary_below_the_tokenizers_is_refused(tiny):
+    with pytest.raises(ScenarioError, match=r"^model.vocab: 100 is below the tokenizer's"):
+        build(tiny, "model.vocab=100", "model.tokenizer.kind=byte")

@@ -48,9 +48,9 @@ def protocol_figures(result, randomised: tuple[str, ...] = ()) -> pd.DataFrame:
 
 
 # Client-side hooks of every kind, each with state that must cross to the workers or back:
-# poisoning marks (client metrics), DP-SGD's ledger (reports), DP-FedAvg's adaptive clip norm
-# (driver state at the round's start), CKKS keys (the clients' secret context) and its error
-# measurement (client notes).
+# poisoning marks (client metrics), DP-SGD's ledger (the scorer's truth), DP-FedAvg's adaptive clip
+# norm (driver state at the round's start) and unclipped bits (sent beside the update), CKKS keys
+# (the clients' secret context) and its error measurement (client notes), the clients' X25519 keys.
 COMBINATIONS = {
     "dp_sgd+sign_flip+trimmed_mean": {
         "attacks": [{"name": "sign_flip", "clients": [1]}],
@@ -60,6 +60,11 @@ COMBINATIONS = {
     "dp_fedavg adaptive": {
         "defenses": [{"name": "dp_fedavg", "clip_norm": 0.05, "noise_multiplier": 0.3, "adaptive_clipping": True,
                       "count_noise": 0.5}],
+        "federation": {"sampling": "poisson", "clients_per_round": 3},
+    },
+    "dp_fedavg adaptive+secure_aggregation with dropouts": {  # fresh keys each run: the masks cancel all the same
+        "defenses": [{"name": "dp_fedavg", "clip_norm": 0.05, "noise_multiplier": 0.3, "adaptive_clipping": True,
+                      "count_noise": 0.5}, {"name": "secure_aggregation", "dropout_rate": 0.3}],
         "federation": {"sampling": "poisson", "clients_per_round": 3},
     },
     "backdoor+he_aggregation on instruction data": {  # workers render and mask prompts exactly as the driver
@@ -125,7 +130,8 @@ def test_a_round_where_every_client_fails_stops_the_run(tiny, ray_instance, regi
     tiny["attacks"] = [{"name": "flaky_client", "client": 0, "failures": 10, "marker_dir": str(markers)}]
     with pytest.raises(RuntimeError, match="round 1: every sampled client failed"):
         run(on_ray(tiny))
-    assert not list(Path(tiny["tracking"]["output_dir"]).glob("*/*/summary.json"))
+    summaries = Path(tiny["tracking"]["output_dir"]).glob("*/*/summary.json")
+    assert [json.loads(path.read_text())["status"] for path in summaries] in ([], ["FAILED"])  # never FINISHED
 
 
 def test_sweep_children_run_as_ray_tasks(tiny, ray_instance, tmp_path, capsys, monkeypatch):

@@ -29,7 +29,7 @@ def test_hooks_run_in_protocol_order(tiny, register):
         expected = [(hook, rnd, cid) for cid in clients
                     for hook in ("client_data", "local_training", "client_update", "transport")]
         expected += [("collusion", rnd), ("server_observation", rnd, tuple(clients)), ("aggregation", rnd),
-                     ("post_aggregation", rnd), ("round_end", rnd)]
+                     ("post_aggregation", rnd), ("score_round", rnd)]
         assert calls == expected
     assert Recorder.calls[-1] == ("training_end",)
     assert result.metrics["recorder.round"].tolist()[1:] == [1.0, 2.0]
@@ -92,14 +92,16 @@ def test_summary_json_is_readable_without_mlflow(tiny):
 def test_a_crash_marks_the_run_failed_with_its_traceback(tiny, tmp_path, register):
     with_tracking(tiny, tmp_path)
     tiny["attacks"] = [{"name": "crash"}]
-    with pytest.raises(RuntimeError, match="boom in round_end"):
+    with pytest.raises(RuntimeError, match="boom in score_round"):
         fedsec_bench.run(tiny)
     client = MlflowClient(tracking_uri=tiny["tracking"]["uri"])
     [run] = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
     assert run.info.status == "FAILED"
     [folder] = (tmp_path / "runs" / "tiny").iterdir()
-    assert "boom in round_end" in (folder / "error.txt").read_text()
-    assert not (folder / "summary.json").exists()  # nothing that looks like a finished run
+    assert "boom in score_round" in (folder / "error.txt").read_text()
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "FAILED" and "final" not in summary  # nothing that looks like a finished run
+    assert "boom in score_round" in summary["error"]
     assert "error.txt" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 

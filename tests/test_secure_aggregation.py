@@ -1,5 +1,6 @@
 """secure_aggregation: masks cancel exactly, dropouts are recovered, a masked update reveals nothing;
-and the observer interface: the server-side probe reads nothing under either transport defense."""
+and the observer interface: the server-side probe reads nothing under either transport defense.
+(That no plugin can recompute the masks is in test_threat_model.py.)"""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from fedsec_bench import run
 from fedsec_bench.aggregation import fedavg
 from fedsec_bench.defenses.secure_aggregation import (
-    ClientSecrets,
+    ClientKeys,
     SecureAggregation,
     SecureAggregationOptions,
     decode,
@@ -20,8 +21,9 @@ from fedsec_bench.defenses.secure_aggregation import (
     prg,
     unmask_sum,
 )
-from fedsec_bench.messages import ClientContext, Message, RoundContext
 from fedsec_bench.errors import ScenarioError
+from fedsec_bench.ground_truth import RoundTruth
+from fedsec_bench.messages import ClientContext, Message, RoundContext
 from fedsec_bench.plan import load_scenario
 from fedsec_bench.updates import flatten
 
@@ -29,9 +31,9 @@ BITS = 32
 ROUND = 1
 
 
-def masked_round(updates: dict[int, np.ndarray]) -> tuple[ClientSecrets, dict[int, np.ndarray], dict[int, np.ndarray]]:
-    """Every client of ``updates`` encodes and masks its update; returns (secrets, encoded, masked)."""
-    secrets = ClientSecrets(scenario_seed=7)
+def masked_round(updates: dict[int, np.ndarray]) -> tuple[ClientKeys, dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """Every client of ``updates`` encodes and masks its update; returns (the clients' keys, encoded, masked)."""
+    secrets = ClientKeys(num_clients=max(updates) + 1)
     participants = sorted(updates)
     encoded = {i: encode(u, BITS) for i, u in updates.items()}
     masked = {i: secrets.mask(ROUND, i, participants, x) for i, x in encoded.items()}
@@ -79,6 +81,18 @@ def test_a_client_dropping_out_after_masking_is_removed_with_the_survivors_seeds
     assert np.array_equal(late - prg(secrets.self_seed(ROUND, dropped), late.size), encoded[dropped])
 
 
+def test_pairwise_seeds_come_from_the_key_agreement_and_fresh_keys_change_every_mask(updates):
+    """s_ij = HKDF(X25519(sk_i, pk_j)) = HKDF(X25519(sk_j, pk_i)), bound to the round and the pair. Another
+    set of keys (another run of the same scenario) masks the same updates differently and sums to the same bits."""
+    first, encoded, masked = masked_round(updates)
+    assert first.pair_seed(ROUND, 3, 8) == first.pair_seed(ROUND, 8, 3)
+    assert first.pair_seed(ROUND, 3, 8) not in (first.pair_seed(ROUND + 1, 3, 8), first.pair_seed(ROUND, 3, 9))
+    second, _, again = masked_round(updates)
+    assert not any(np.array_equal(masked[i], again[i]) for i in masked)
+    sums = [unmask_sum(m, keys.reveal(ROUND, sorted(m), dropped=[])) for keys, m in ((first, masked), (second, again))]
+    assert np.array_equal(sums[0], sums[1]) and np.array_equal(sums[0], ring_sum(list(encoded.values())))
+
+
 def test_a_masked_update_is_statistically_unrelated_to_the_true_one():
     """Masks are uniform on Z_(2^64), so y_i is independent of x_i: Pearson r ~ N(0, 1/d)."""
     d = 20_000
@@ -124,7 +138,7 @@ def test_plugin_aggregates_fedavg_of_the_survivors(how):
     aggregate = plugin.aggregation(round, sent)
     bound = len(survivors) * 2.0 ** -(BITS + 1) / sum(m.num_examples for m in survivors) + 1e-8  # + float32 rounding
     assert (flatten(aggregate) - flatten(fedavg(survivors, like))).abs().max().item() < bound
-    assert plugin.round_end(round, {})["secagg.dropped_clients"] == len(counts) - len(survivors)
+    assert plugin.score_round(round, RoundTruth([]), {})["secagg.dropped_clients"] == len(counts) - len(survivors)
     assert all(m.num_bytes == 8 * 377 for m in sent)  # one 64-bit word per value
 
 

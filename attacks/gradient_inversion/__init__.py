@@ -20,18 +20,24 @@ inputs (embedding rows, attention), so they leave gradients too: the attack rebu
 the whole rendered sequence, as it does a plain text, knowing nothing of where a prompt
 ends. The score adds token recall on the prompt positions and on the response positions
 (``inversion.prompt_token_recall``, ``inversion.response_token_recall``), split by the
-simulator's truth (ground_truth.py) after the attack has run.
+simulator's truth (ground_truth.py).
+
+The server-side hooks only attack: they keep each reconstruction, and the scorer
+(``score_round``), outside the protocol, holds it against the batches the client really
+trained on, which the attacker never sees.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 from pydantic import Field
 
 from fedsec_bench.client import local_steps
+from fedsec_bench.ground_truth import RoundTruth
 from fedsec_bench.messages import Message, RoundContext, State
 from fedsec_bench.plugins import Options, Plugin
 
@@ -44,6 +50,18 @@ from .span_check import span_check
 from .token_leak import token_leak
 
 TABLE = "inversion_table.csv"
+
+
+@dataclass
+class Attempt:
+    """One attack the server ran, waiting for the scorer: on one client's update, or on the aggregate."""
+
+    prefix: str
+    """``inversion`` for a client's update, ``inversion.aggregate`` for the aggregate."""
+    clients: list[int]
+    result: Reconstruction
+    seconds: float
+    seed: int
 
 
 class GradientInversionOptions(Options):
@@ -82,7 +100,7 @@ class GradientInversion(Plugin):
         super().__init__(options, runtime)
         self.rows: list[dict] = []
         self.pending_aggregate: list[Message] | None = None
-        self.aggregate_figures: dict[str, float] = {}
+        self.attempts: list[Attempt] = []
 
     @classmethod
     def check(cls, options, scenario) -> None:
@@ -116,51 +134,62 @@ class GradientInversion(Plugin):
             self.pending_aggregate = messages if (chosen and self.options.attack_aggregate) else None
             return figures
         view = ModelView(self.runtime, round.global_state)
-        rows = [self._attack(view, round, [m.client_id], m.payload, messages=[m]) for m in plain]
-        self.runtime.write_table(TABLE, self.rows)
-        return figures | metrics.summarize(rows, "inversion")
+        self.attempts += [self._attack(view, round, "inversion", m.payload, [m]) for m in plain]
+        return figures
 
     def post_aggregation(self, round: RoundContext, aggregate: State) -> State:
         """Under secure or encrypted aggregation the server still learns the aggregate: attack that."""
         messages, self.pending_aggregate = self.pending_aggregate, None
         if messages and isinstance(aggregate, dict):
             view = ModelView(self.runtime, round.global_state)
-            row = self._attack(view, round, [m.client_id for m in messages], aggregate, messages)
-            self.runtime.write_table(TABLE, self.rows)
-            self.aggregate_figures = metrics.summarize([row], "inversion.aggregate")
+            self.attempts.append(self._attack(view, round, "inversion.aggregate", aggregate, messages))
         return aggregate
 
-    def round_end(self, round: RoundContext, metrics_so_far: dict[str, float]) -> dict[str, float] | None:
-        figures, self.aggregate_figures = self.aggregate_figures, {}
-        return figures or None
+    def score_round(self, round: RoundContext, truth: RoundTruth, metrics_so_far: dict[str, float]) -> dict[str, float] | None:
+        """Each of the round's reconstructions against what its clients really trained on."""
+        attempts, self.attempts = self.attempts, []
+        if not attempts:
+            return None
+        scored = [(a.prefix, self._score(round.round, a)) for a in attempts]
+        self.rows += [row for _, row in scored]
+        self.runtime.write_table(TABLE, self.rows)
+        figures: dict[str, float] = {}
+        for prefix in dict.fromkeys(prefix for prefix, _ in scored):
+            figures |= metrics.summarize([row for p, row in scored if p == prefix], prefix)
+        return figures
 
     # --- one attack ----------------------------------------------------------------
-    def _attack(self, view: ModelView, round: RoundContext, clients: list[int], update: State, messages) -> dict:
+    def _attack(self, view: ModelView, round: RoundContext, prefix: str, update: State, messages) -> Attempt:
+        """Run the method on an update, as the server can: from the messages' public facts alone."""
         rt, fed = self.runtime, self.runtime.scenario.federation
         num_examples = max(m.num_examples for m in messages)
         grad = pseudo_gradient(update, round.global_state, fed, num_examples)
-        truth = [seq for cid in clients for seq in trained_sequences(round, cid)]
         batch = sum(min(fed.batch_size * local_steps(fed, m.num_examples), m.num_examples) for m in messages)
+        clients = [m.client_id for m in messages]
         seed = rt.seed_for(round.round, *clients)
         started = time.perf_counter()
         result = self._run_method(view, grad, batch, seed)
-        seconds = time.perf_counter() - started
+        return Attempt(prefix, clients, result, time.perf_counter() - started, seed)
+
+    def _score(self, rnd: int, attempt: Attempt) -> dict:
+        """The table row of one attempt: its figures against the clients' true batches."""
+        rt, result = self.runtime, attempt.result
+        truth = [seq for cid in attempt.clients for seq in trained_sequences(rt, rnd, cid)]
         special = set(rt.tokenizer.all_special_ids)  # the batcher and chat templates add them: structure, not private text
         guess = [[t for t in seq if t not in special] for seq in result.sequences]
         true_ids = [seq.ids for seq in truth]
         figures, true_text, guess_text = metrics.score(rt.tokenizer, true_ids, guess)
         if rt.scenario.data.is_prompted:
             figures |= metrics.part_recalls(truth, guess)
-        row = {
-            "round": round.round, "client": clients[0] if len(clients) == 1 else "aggregate",
+        clients = attempt.clients
+        return {
+            "round": rnd, "client": clients[0] if attempt.prefix == "inversion" else "aggregate",
             "method": self.options.method, **figures,
-            "baseline_rouge1": metrics.random_baseline(rt.tokenizer, true_ids, np.random.default_rng(seed)),
-            "seconds": seconds, "applicable": float(result.applicable), "rank": result.rank,
+            "baseline_rouge1": metrics.random_baseline(rt.tokenizer, true_ids, np.random.default_rng(attempt.seed)),
+            "seconds": attempt.seconds, "applicable": float(result.applicable), "rank": result.rank,
             "rank_condition": None if result.rank_condition is None else float(result.rank_condition),
             **result.notes, "true_text": true_text, "reconstructed_text": guess_text,
         }
-        self.rows.append(row)
-        return row
 
     def _run_method(self, view: ModelView, grad: PseudoGradient, batch: int, seed: int) -> Reconstruction:
         o, positions = self.options, self.runtime.scenario.data.seq_len

@@ -1,7 +1,7 @@
-"""What a client really trained on: simulator knowledge, used only to score the attack.
+"""What a client really trained on: simulator knowledge, used only by the attack's scorer.
 
 The batches are rebuilt exactly as ``fedsec_bench.client.client_round`` draws them:
-the client's examples, ``runtime.batcher.loader(examples, seed=round.client_seed(cid))``
+the client's examples, ``runtime.batcher.loader(examples, seed=client_seed(runtime, round, cid))``
 epoch after epoch (``fedsec_bench.client.epochs``) for ``local_steps`` steps. In FedSGD (one local step) that is a single batch,
 the attack's target. Data-poisoning hooks that rewrite a client's examples are not
 replayed, so the truth is the client's own data.
@@ -19,9 +19,8 @@ import copy
 from itertools import islice
 from typing import NamedTuple
 
-from fedsec_bench.client import epochs, local_steps
+from fedsec_bench.client import client_seed, epochs, local_steps
 from fedsec_bench.data.batching import IGNORE_INDEX, Batcher
-from fedsec_bench.messages import RoundContext
 
 
 class TrueSequence(NamedTuple):
@@ -30,12 +29,11 @@ class TrueSequence(NamedTuple):
     """Per position: a response token (every token of a plain text), else a prompt token."""
 
 
-def trained_sequences(round: RoundContext, client_id: int) -> list[TrueSequence]:
-    """The distinct sequences of the local steps, without padding and special tokens (the batcher's
-    end-of-text, a chat template's markers: structure, not private text)."""
-    runtime = round.runtime
+def trained_sequences(runtime, rnd: int, client_id: int) -> list[TrueSequence]:
+    """The distinct sequences of a client's local steps in round ``rnd``, without padding and special
+    tokens (the batcher's end-of-text, a chat template's markers: structure, not private text)."""
     examples = runtime.data.client_examples(client_id)
-    loader = prompt_masked(runtime.batcher).loader(examples, seed=round.client_seed(client_id))
+    loader = prompt_masked(runtime.batcher).loader(examples, seed=client_seed(runtime, rnd, client_id))
     steps = local_steps(runtime.scenario.federation, len(examples))
     special = set(runtime.tokenizer.all_special_ids)
     seen: list[TrueSequence] = []

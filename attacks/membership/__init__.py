@@ -11,6 +11,10 @@ Threat models (option ``threat``):
   masked aggregation) or the target sent nothing, it only has what it really holds: the
   model after aggregation; ``mia.server.update_readable`` says which.
 
+Either way the attack is scored outside the protocol (``score_round``, ``training_end``):
+which examples were members is the simulator's truth (who trained, and on what), not
+something the attacker is given.
+
 Methods (option ``method``, one name or a list): ``loss``, ``zlib``, ``min_k``,
 ``reference``, ``lira``, ``lira_offline``, ``rmia``, ``rmia_offline``; see
 :mod:`.scores` for each definition and :mod:`.shadow` for the reference/shadow models.
@@ -30,6 +34,7 @@ import pandas as pd
 from pydantic import Field, field_validator
 
 from fedsec_bench.data import Example
+from fedsec_bench.ground_truth import RoundTruth
 from fedsec_bench.messages import Message, RoundContext, State
 from fedsec_bench.plugins import Options, Plugin
 
@@ -118,8 +123,8 @@ class MembershipInference(Plugin):
         readable = sent[0].payload if sent and sent[0].is_plain else None
         self.observed = (target, readable)
 
-    def round_end(self, round: RoundContext, metrics: dict[str, float]) -> dict[str, float] | None:
-        self.participants.update(r.client_id for r in round.reports)
+    def score_round(self, round: RoundContext, truth: RoundTruth, metrics: dict[str, float]) -> dict[str, float] | None:
+        self.participants.update(truth.trained())
         if self.observed is None or round.round != self.attack_round:
             return None
         target, update = self.observed

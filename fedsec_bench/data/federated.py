@@ -24,6 +24,10 @@ from .templates import PromptRenderer
 
 FRESH_TRIES = 100
 """Draws of the synthetic corpus before giving up on finding enough records unseen elsewhere."""
+SATURATED = 0.01
+"""A large draw (of :data:`SATURATION_DRAW` or more) whose share of new records is below this means the
+corpus is used up: few topics have few distinct sentences, and 99 more draws would find next to nothing."""
+SATURATION_DRAW = 100
 
 
 @dataclass
@@ -101,16 +105,25 @@ def _synthetic(
 
 
 def fresh(draw, count: int, exclude: set[Example], what: str) -> list[Example]:
-    """``count`` distinct examples outside ``exclude``: a held-out "non-member" is never secretly a member."""
+    """``count`` distinct examples outside ``exclude``: a held-out "non-member" is never secretly a member.
+
+    Gives up (a ValueError naming ``what``) after :data:`FRESH_TRIES` draws, or as soon as a large draw
+    brings almost nothing new: each draw costs as much as the records still missing, so with one
+    topic and a million records asked, a hundred draws would take hours."""
     out: dict[Example, None] = {}
     for _ in range(FRESH_TRIES):
-        batch, _ = draw(count - len(out))
+        wanted = count - len(out)
+        before = len(out)
+        batch, _ = draw(wanted)
         out.update((e, None) for e in batch if e not in exclude)
         if len(out) >= count:
             return list(out)[:count]
+        if wanted >= SATURATION_DRAW and len(out) - before < SATURATED * wanted:
+            break
     raise ValueError(
-        f"{what}: the synthetic corpus gave only {len(out)} of {count} records unseen in the other splits after "
-        f"{FRESH_TRIES} draws; raise data.topics, or lower {what} or data.examples_per_client"
+        f"{what}: the synthetic corpus gave only {len(out)} of {count} records unseen in the other splits (it has "
+        "few distinct records with few data.topics); raise data.topics, or lower "
+        f"{what} or data.examples_per_client"
     )
 
 
@@ -134,6 +147,10 @@ def _from_records(cfg: DataConfig, num_clients: int, public_examples: int, np_rn
     by_user = cfg.heldout_by_user
     units = _units(keep, [users[i] for i in keep] if by_user else [examples[i] for i in keep])
     heldout_rows, public_rows, pool_rows = _split_units(units, [cfg.heldout_examples, public_examples], np_rng, len(keep))
+    if not pool_rows:
+        raise ValueError(f"data.heldout_examples: the held-out and public splits took all {len(keep)} records, which "
+                         f"are {len(units)} distinct {'users' if by_user else 'records'} (the copies of one stay "
+                         "together); add distinct records, or lower data.heldout_examples and data.public_examples")
     pool = [examples[i] for i in pool_rows]
     in_pool = set(pool)
     heldout = [examples[i] for i in heldout_rows if examples[i] not in in_pool]
@@ -170,7 +187,8 @@ def _split_units(units: list[list[int]], sizes: list[int], rng: np.random.Genera
     """Shuffle the units and fill each reserved split up to its size with whole units; the rest is the pool."""
     if total <= sum(sizes):
         raise ValueError(
-            f"data.heldout_examples + data.public_examples ({sum(sizes)}) leave no client data from {total} records"
+            f"data.heldout_examples: with data.public_examples they take {sum(sizes)} records and leave no client "
+            f"data from {total}; lower them, or add data"
         )
     order = rng.permutation(len(units))
     splits: list[list[int]] = [[] for _ in sizes]

@@ -17,7 +17,8 @@ def partition(
     needed = num_clients * config.min_examples
     if num_items < needed:
         raise ValueError(
-            f"{num_items} examples cannot give {num_clients} clients {config.min_examples} each; "
+            f"data.partition.min_examples: {num_items} examples cannot give {num_clients} clients "
+            f"{config.min_examples} each; "
             "lower federation.num_clients or data.partition.min_examples, or add data"
         )
     if config.method == "iid":
@@ -27,7 +28,7 @@ def partition(
     if config.method == "quantity_skew":
         return _quantity_skew(num_items, num_clients, config, rng)
     if labels is None:
-        raise ValueError("dirichlet partitioning needs a label per example (data.label_field)")
+        raise ValueError("data.label_field: dirichlet partitioning needs a label per example; name a column of them")
     return _dirichlet(np.asarray(labels), num_clients, config, rng)
 
 
@@ -53,7 +54,7 @@ def _dirichlet(labels: np.ndarray, num_clients: int, config: PartitionConfig, rn
         if min(len(p) for p in parts) >= config.min_examples:
             return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
     raise ValueError(
-        f"dirichlet(alpha={config.alpha}) left a client with fewer than {config.min_examples} examples in "
+        f"data.partition.alpha: dirichlet({config.alpha}) left a client with fewer than {config.min_examples} examples in "
         "100 draws; raise data.partition.alpha, lower data.partition.min_examples, or add data"
     )
 
