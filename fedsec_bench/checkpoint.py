@@ -70,6 +70,11 @@ def save(run_dir: Path, checkpoint: Checkpoint, keep: int) -> Path:
 
 def latest(run_dir: Path) -> Checkpoint:
     """The run folder's latest checkpoint; a ScenarioError saying why there is none."""
+    if not run_dir.is_dir():
+        raise ScenarioError(
+            f"--resume: no run folder {run_dir}; give the id of a run of this scenario (its MLflow run id, or its "
+            "folder's name under tracking.output_dir), with the same tracking.output_dir"
+        )
     found = sorted((run_dir / FOLDER).glob("round-*.pt"))
     if not found:
         raise ScenarioError(

@@ -11,6 +11,7 @@ the one frozen copy of the model the process holds, however many clients there a
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import torch
 from peft import prepare_model_for_kbit_training
@@ -51,21 +52,34 @@ def make_tokenizer(config: ModelConfig, public_texts: list[str]) -> PreTrainedTo
     if kind == "auto":
         kind = "model" if config.name_or_path else "bpe"
     if kind == "model":
+        folder = Path(config.name_or_path).expanduser()
+        if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            raise no_tokenizer_files(config, "the folder")
         tokenizer = local_first(
             lambda: AutoTokenizer.from_pretrained(config.name_or_path, trust_remote_code=config.trust_remote_code),
             config.name_or_path, "model.name_or_path", "a tokenizer (save_pretrained's files)",
         )
-        if len(tokenizer) < MIN_VOCAB:  # transformers builds an empty one from config.json alone
-            raise ScenarioError(
-                f"model.name_or_path: the tokenizer of {value_excerpt(config.name_or_path)} has {len(tokenizer)} "
-                "tokens: the folder holds no tokenizer files; save the tokenizer beside the model "
-                "(tokenizer.save_pretrained), or train one with model.tokenizer.kind bpe or byte")
+        if len(tokenizer) < MIN_VOCAB:  # transformers 5 builds an empty one from config.json alone
+            raise no_tokenizer_files(config, f"it has {len(tokenizer)} tokens: the checkpoint")
     else:
         vocab = BYTE_VOCAB if kind == "byte" else config.tokenizer.vocab_size
         tokenizer = train_byte_level_bpe(public_texts, vocab)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+"""What tokenizer.save_pretrained writes, for one tokenizer family or another; a folder with none of them
+has no tokenizer (transformers 4 then fails on a None path, transformers 5 builds an empty one)."""
+
+
+def no_tokenizer_files(config: ModelConfig, what: str) -> ScenarioError:
+    return ScenarioError(
+        f"model.name_or_path: the tokenizer of {value_excerpt(config.name_or_path)}: {what} holds no tokenizer "
+        "files; save the tokenizer beside the model (tokenizer.save_pretrained), or train one with "
+        "model.tokenizer.kind bpe or byte")
 
 
 def train_byte_level_bpe(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:

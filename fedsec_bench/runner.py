@@ -53,7 +53,7 @@ def run(
     that id (its MLflow run id, or its folder's name when untracked) from its latest checkpoint,
     into the same run. SIGINT or SIGTERM end the run KILLED and raise
     :class:`~fedsec_bench.interruption.Interrupted`; a diverged run ends FAILED with
-    :class:`~fedsec_bench.divergence.Diverged`.
+    :class:`~fedsec_bench.errors.Diverged`.
     """
     plan = as_plan(scenario, overrides)
     scenario = plan.scenario

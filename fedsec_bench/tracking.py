@@ -18,7 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from . import checkpoint, liveness, store
-from .interruption import Interrupted
+from .interruption import Interrupted, uninterruptible
 from .reporting import history_frame, plot_curves
 from .scenario import Scenario
 
@@ -59,6 +59,7 @@ class Tracker:
         (self.run_dir / "summary.json").unlink(missing_ok=True)  # a resumed run is unfinished again
         return self
 
+    @uninterruptible
     def __exit__(self, exc_type, exc, tb) -> None:
         self.status = status = run_status(exc)
         self.resumable = any((self.run_dir / checkpoint.FOLDER).glob("round-*.pt"))
@@ -80,6 +81,7 @@ class Tracker:
     def completed_rounds(self) -> int:
         return int(self.history[-1]["round"]) if self.history else 0
 
+    @uninterruptible
     def _start_mlflow_run(self) -> None:
         from mlflow.tracking import MlflowClient
 
@@ -97,6 +99,7 @@ class Tracker:
             self.client.set_terminated(self.run_id, "FAILED")
             raise
 
+    @uninterruptible
     def _reopen_mlflow_run(self) -> None:
         """Mark the interrupted run RUNNING again, owned by this process; its params are already logged."""
         from mlflow.tracking import MlflowClient
@@ -114,6 +117,7 @@ class Tracker:
         for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=items[start : start + 100])
 
+    @uninterruptible
     def log_round(self, rnd: int, metrics: dict[str, float]) -> None:
         """One round's figures: logged at step ``rnd``, kept in the history, and the run's heartbeat renewed
         (how ``fedsec runs --stale`` tells a live run from one whose process died)."""
@@ -128,6 +132,7 @@ class Tracker:
         self.log_metrics(metrics, step=self.completed_rounds)
         self.history[-1].update(metrics)
 
+    @uninterruptible
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.client is None:
             return
@@ -138,10 +143,12 @@ class Tracker:
         for start in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[start : start + 1000])
 
+    @uninterruptible
     def set_tag(self, key: str, value: str) -> None:
         if self.client is not None:
             self.client.set_tag(self.run_id, key, value)
 
+    @uninterruptible
     def log_table(self, frame, artifact_file: str) -> None:
         """An MLflow table artifact (shown as a table in the UI's artifact view)."""
         if self.client is not None:
@@ -153,6 +160,7 @@ class Tracker:
         if plot:
             plot_curves(frame, self.artifact_dir / "curves.png", self.scenario.name)
 
+    @uninterruptible
     def write_summary(self, summary: dict) -> Path:
         """Atomically write summary.json; its ``status`` says whether the run finished."""
         path = self.run_dir / "summary.json"

@@ -88,3 +88,41 @@ def test_installed_console_script_runs_a_bundled_scenario_by_name(tmp_path):
     assert out.returncode == 0, out.stderr
     [summary] = (tmp_path / "fedsec-runs" / "quickstart").glob("*/summary.json")
     assert summary.is_file()
+
+
+def test_runs_stale_finds_and_marks_a_run_whose_process_died(fedsec, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from fedsec_bench import liveness, store
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    store.prepare_store(uri)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = store.get_or_create_experiment(client, "fedsec", uri)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = client.create_run(experiment, tags=liveness.run_process_tags() | {"fedsec.pid": gone.stdout.strip()})
+    alive = client.create_run(experiment, tags=liveness.run_process_tags())  # this very process
+
+    listed = fedsec("runs", "--stale", "--uri", uri, cwd=tmp_path)
+    assert listed.returncode == 0 and dead.info.run_id in listed.stdout and alive.info.run_id not in listed.stdout
+    assert client.get_run(dead.info.run_id).info.status == "RUNNING"  # listing changes nothing
+    marked = fedsec("runs", "--stale", "--mark", "--uri", uri, cwd=tmp_path)
+    assert marked.returncode == 0 and "1 marked KILLED" in marked.stdout
+    assert client.get_run(dead.info.run_id).info.status == "KILLED"
+    assert client.get_run(alive.info.run_id).info.status == "RUNNING"
+
+
+def test_runs_stale_on_a_missing_store_exits_2_and_creates_nothing(fedsec, tmp_path):
+    out = fedsec("runs", "--stale", "--uri", f"sqlite:///{tmp_path}/none.db", cwd=tmp_path)
+    assert out.returncode == 2 and "--uri: no tracking store" in out.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bug_is_one_line_and_debug_shows_its_traceback(fedsec, tiny, tmp_path, register):
+    tiny["attacks"] = [{"name": "crash"}]
+    path = write(tmp_path, tiny)
+    out = fedsec("run", str(path), "--quiet", cwd=tmp_path)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("error: RuntimeError: boom in score_round") and "--debug" in out.stderr
+    with pytest.raises(RuntimeError, match="boom in score_round"):
+        fedsec("run", str(path), "--quiet", "--debug", cwd=tmp_path)

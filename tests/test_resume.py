@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -116,17 +117,41 @@ def test_sigterm_ends_a_cli_run_killed_with_exit_143(tiny, tmp_path):
     assert json.loads(summary.read_text())["status"] == "KILLED"
 
 
+def test_a_signal_during_a_store_write_waits_for_the_write_to_end():
+    from fedsec_bench.interruption import stop_on_signals, uninterruptible
+
+    done = []
+
+    @uninterruptible
+    def write():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)  # the handler has run by now, and held the signal
+        done.append("written")
+
+    with pytest.raises(Interrupted) as stopped, stop_on_signals():
+        write()
+        done.append("after")  # never reached: the held signal is raised as the write returns
+    assert done == ["written"] and stopped.value.exit_code == 143
+
+
 def test_resume_refuses_another_scenario_before_opening_anything(tiny, tmp_path):
     tracked(tiny, tmp_path)
     tiny["federation"]["rounds"] = 3
     with pytest.raises(Interrupted):
         fedsec_bench.run(tiny, on_round=interrupt_after(1))
     _, run = only_run(tiny["tracking"]["uri"])
+    lr = tiny["federation"]["lr"]
     tiny["federation"]["lr"] = 0.5
     with pytest.raises(fedsec_bench.ScenarioError, match="--resume .* the scenario differs"):
         fedsec_bench.run(tiny, resume=run.info.run_id)
-    with pytest.raises(fedsec_bench.ScenarioError, match="has no checkpoint"):
+    with pytest.raises(fedsec_bench.ScenarioError, match="--resume: no run folder"):
         fedsec_bench.run(tiny, resume="0123456789abcdef")
+    tiny["federation"]["lr"] = lr
+    tiny["tracking"]["checkpoint_every"] = 0  # tracking options may change on resume
+    with pytest.raises(Interrupted) as stopped:
+        fedsec_bench.run(tiny, on_round=interrupt_after(1))
+    with pytest.raises(fedsec_bench.ScenarioError, match="has no checkpoint"):
+        fedsec_bench.run(tiny, resume=stopped.value.record.run_id)
 
 
 def diverging(raw):
