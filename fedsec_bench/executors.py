@@ -1,7 +1,7 @@
 """Where clients' local training runs: ``local`` (one after another in this process) or ``ray``.
 
-An executor turns a round into, for each sampled client that completed its part, what it
-sent (None when the transport lost it) and the simulator's report. Everything else in the
+An executor turns a round into, for each sampled client that completed its part (trained from
+the state the server sent it, ``round.sent_to(client)``), what it sent (None when the transport lost it) and the simulator's report. Everything else in the
 round (sampling, server-side hooks, evaluation, logging) stays in the round loop. A client
 that never completed (executor ray: its task failed twice) has no pair at all; the round
 loop counts it in ``fault.failed_clients``.
@@ -34,9 +34,11 @@ class LocalExecutor:
 
     def run_clients(self, round: RoundContext) -> list[ClientResult]:
         rt, rnd = round.runtime, round.round
+        digests = round.received_digests() if self.hooks.needs_peer_digests else {}
         return [
-            client_round(ClientContext(cid, rnd, client_seed(rt, rnd, cid), rt, peers=list(round.sampled)),
-                         round.global_state, self.hooks)
+            client_round(ClientContext(cid, rnd, client_seed(rt, rnd, cid), rt, peers=list(round.sampled),
+                                       peer_digests=dict(digests)),
+                         round.sent_to(cid), self.hooks)
             for cid in round.sampled
         ]
 

@@ -1,7 +1,7 @@
 """The federated round loop. Each line is one step of the protocol in docs/design.md.
 
-The server-side hooks get the round's public facts (:class:`RoundContext`) and the
-delivered messages; the simulator's reports become the round's :class:`RoundTruth`, which
+The server-side hooks get the round's public facts (:class:`RoundContext`: what the server
+sent each client, which messages arrived) and the delivered messages; the simulator's reports become the round's :class:`RoundTruth`, which
 only the scorers (``score_round``) see, after the server has stepped.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 from .evaluation import answer_quality, evaluate
 from .executors import Executor
 from .ground_truth import RoundTruth
-from .messages import Message, RoundContext, state_bytes
+from .messages import Message, RoundContext, State, state_bytes
 from .plugins import HookChain
 from .runtime import Runtime
 from .scenario import FederationConfig
@@ -30,6 +30,7 @@ class Federation:
     def run_round(self, rnd: int) -> dict[str, float]:
         started = time.perf_counter()
         round = RoundContext(rnd, self.rt, self.sample_clients(rnd), self.rt.trainable.snapshot())
+        round.dispatched = self.dispatch(round)
         sent, reports = _unzip(self.executor.run_clients(round))
         truth = RoundTruth(reports)
         self.rt.trainable.load(round.global_state)  # the last local client's model must not reach the server
@@ -45,6 +46,16 @@ class Federation:
             metrics |= self.evaluate()
         metrics |= self.hooks.score_round(round, truth, metrics)
         return metrics
+
+    def dispatch(self, round: RoundContext) -> dict[int, State]:
+        """What the server sends each sampled client: the global state, unless a malicious server's
+        ``dispatch`` crafts another (checked to have the global state's names and shapes, as a
+        client loading it would)."""
+        sent = {cid: self.hooks.dispatch(round, cid, round.global_state) for cid in round.sampled}
+        for cid, state in sent.items():
+            if state is not round.global_state:
+                check_layout(state, round.global_state, f"round {round.round}: the state dispatched to client {cid}")
+        return sent
 
     def evaluate(self) -> dict[str, float]:
         rt, config = self.rt, self.rt.scenario.eval
@@ -82,6 +93,17 @@ def sample_clients(config: FederationConfig, seed: int) -> list[int]:
     if config.sampling == "poisson":
         return np.flatnonzero(rng.random(n) < k / n).tolist()
     return np.sort(rng.choice(n, size=k, replace=False)).tolist()
+
+
+def check_layout(state: State, like: State, what: str) -> None:
+    """Refuse a state whose parameter names, shapes or dtypes differ from ``like``'s."""
+    if set(state) != set(like):
+        raise ValueError(f"{what} has other parameters than the global state: "
+                         f"{sorted(set(state) ^ set(like))[:3]}")
+    for name, tensor in state.items():
+        if tensor.shape != like[name].shape or tensor.dtype != like[name].dtype:
+            raise ValueError(f"{what}: {name} is {tuple(tensor.shape)} {tensor.dtype}, the global state's "
+                             f"{tuple(like[name].shape)} {like[name].dtype}")
 
 
 def _unzip(pairs):

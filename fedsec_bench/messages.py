@@ -10,6 +10,7 @@ encryption) is in :mod:`fedsec_bench.ground_truth`, handed to scorers alone.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,11 @@ class ClientContext:
     runtime: Runtime
     peers: list[int] = field(default_factory=list)
     """The round's sampled clients, as the server announces them (secure aggregation masks against them)."""
+    peer_digests: dict[int, str] = field(default_factory=dict)
+    """SHA-256 digest of the model each of the round's clients received (this one's included), as the
+    clients announce them to each other over a channel the server does not control (simulated: the
+    round loop computes them from what was dispatched). Filled only when a client-side plugin
+    declares ``needs_peer_digests`` (``model_consistency``)."""
     side: dict[str, float] = field(default_factory=dict)
     """Values the client sends beside its update, in the clear (DP-FedAvg's unclipped bit): they become
     the message's :attr:`Message.side`. Client-side hooks that run before the message exists write them here."""
@@ -117,3 +123,37 @@ class RoundContext:
     global_state: State
     delivered: list[int] = field(default_factory=list)
     """Clients whose message reached the server (a transport may lose one: a dropout)."""
+    dispatched: dict[int, State] = field(default_factory=dict)
+    """What the server sent each sampled client (``dispatch``); a client missing here got the global state."""
+    isolated: dict[int, State] = field(default_factory=dict)
+    """Single clients' updates the server recovered from the aggregate (a malicious server's model
+    inconsistency, in ``post_aggregation``): readers treat them as the clients' plain updates."""
+
+    def sent_to(self, client_id: int) -> State:
+        """The state client ``client_id`` received this round."""
+        return self.dispatched.get(client_id, self.global_state)
+
+    def is_consistent(self) -> bool:
+        """Whether every sampled client received the global state itself (an honest server's round)."""
+        return all(self.sent_to(c) is self.global_state for c in self.sampled)
+
+    def received_digests(self) -> dict[int, str]:
+        """Each sampled client's digest of the state it received (:func:`state_digest`); a state sent to
+        several clients is hashed once."""
+        by_object: dict[int, str] = {}
+        for client in self.sampled:
+            state = self.sent_to(client)
+            if id(state) not in by_object:
+                by_object[id(state)] = state_digest(state)
+        return {client: by_object[id(self.sent_to(client))] for client in self.sampled}
+
+
+def state_digest(state: State) -> str:
+    """SHA-256 over a state's names, dtypes, shapes and values in name order: equal digests mean the
+    same model (a server cannot find two states that collide)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().contiguous().cpu()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

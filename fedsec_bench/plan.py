@@ -156,6 +156,13 @@ def conflicts(planned: list[PlannedPlugin]) -> list[str]:
                 f"{p.label} rewrites each plain message in transport, but {hidden_by.label}, listed before it, has "
                 f"already hidden it; list {p.plugin.name} before {hidden_by.plugin.name}"
             )
+    isolating = [p for p in planned if p.plugin.isolates_updates]
+    for p in planned:
+        if isolating and p not in isolating and p.has_hook("post_aggregation") and planned.index(p) < planned.index(isolating[0]):
+            problems.append(
+                f"{p.label} reads the aggregate in post_aggregation before {isolating[0].label} has isolated the "
+                f"target's update from it; list {isolating[0].plugin.name} before {p.plugin.name}"
+            )
     takeovers = [p for p in planned if p.has_hook("aggregation") and p.plugin.kind != "aggregator"]
     if len(takeovers) > 1:
         problems.append(f"only one defense may take over aggregation, got {', '.join(p.label for p in takeovers)}")

@@ -13,9 +13,9 @@ before the client-side defense clips or encrypts it), lets server-side observers
 the output of every transport defense, and lets a defense that changes what is sent
 (encryption, masking) aggregate it before the plain-tensor rule is reached.
 
-Who sees what: client-side hooks see their own client; the server-side hooks (collusion,
-server_observation, aggregation, post_aggregation) see a :class:`RoundContext` and the
-messages the transport delivered, nothing more. The simulator's ground truth (a
+Who sees what: client-side hooks see their own client; the server-side hooks (dispatch,
+collusion, server_observation, aggregation, post_aggregation) see a :class:`RoundContext` and
+the messages the transport delivered, nothing more. The simulator's ground truth (a
 :class:`~fedsec_bench.ground_truth.RoundTruth`: every client's report, who attacked, the
 plaintexts under encryption) goes only to the scorer, ``score_round``, which runs outside
 the protocol; ``training_end`` scores the final model.
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 MODES = frozenset({"full", "lora", "prompt"})
 
 HOOKS = (
+    "dispatch",
     "client_data",
     "local_training",
     "client_update",
@@ -50,7 +51,7 @@ HOOKS = (
     "score_round",
     "training_end",
 )
-CLIENT_HOOKS = HOOKS[:4]
+CLIENT_HOOKS = HOOKS[1:5]
 """Hooks that run where the client trains: in this process (executor: local) or on a Ray worker."""
 
 
@@ -87,6 +88,13 @@ class Plugin:
     residual computed from each client's own update into the frozen weights)."""
     needs_model_from_aggregate_only: ClassVar[bool] = False
     """True when this plugin's guarantee covers only what the aggregate carries (DP-FedAvg's noised mean)."""
+    isolates_updates: ClassVar[bool] = False
+    """True when ``post_aggregation`` recovers single clients' updates from the aggregate into
+    :attr:`RoundContext.isolated` (a malicious server's model inconsistency); plugins whose
+    ``post_aggregation`` reads them must be listed after it."""
+    needs_peer_digests: ClassVar[bool] = False
+    """True when a client-side hook reads :attr:`ClientContext.peer_digests` (the digests of the models
+    the round's clients received, announced among them); the round loop computes them only then."""
     exclusive_by: ClassVar[str | None] = None
     """An option whose value two entries of this plugin may not share (they would log the same figures)."""
 
@@ -125,6 +133,14 @@ class Plugin:
     def restore(self, state: dict) -> None:
         """Take back what :meth:`checkpoint` returned, on a fresh instance built for the same scenario."""
         self.__dict__.update(state)
+
+    # --- server side, before training ----------------------------------------------
+    def dispatch(self, round: RoundContext, client_id: int, state: State) -> State:
+        """What the server sends one sampled client: an honest server sends every client the global
+        state; a malicious one may send each a crafted state (same names and shapes). ``state`` is
+        what the plugins before this one made of it. Clients cannot tell unless a defense checks
+        (``peer_digests``). Must not modify ``state`` in place: return a new dict."""
+        return state
 
     # --- client side -------------------------------------------------------------
     def client_data(self, client: ClientContext, examples: list[Example]) -> list[Example]:
@@ -184,6 +200,18 @@ class Plugin:
         return [h for h in HOOKS if getattr(cls, h) is not getattr(Plugin, h)]
 
 
+def check_clients_and_rounds(federation, clients: list[int] | None, rounds: list[int] | None,
+                             clients_field: str = "clients") -> None:
+    """Refuse (ValueError) client ids and rounds an attack's options name that the federation does not
+    have; None means every client or every round."""
+    bad = [c for c in clients or [] if not 0 <= c < federation.num_clients]
+    if bad:
+        raise ValueError(f"{clients_field}: {bad} are not client ids (0..{federation.num_clients - 1})")
+    bad = [r for r in rounds or [] if not 1 <= r <= federation.rounds]
+    if bad:
+        raise ValueError(f"rounds: {bad} are not rounds of this run (1..{federation.rounds})")
+
+
 class HookChain:
     """Calls one hook point on every plugin in order; the round loop's only view of plugins."""
 
@@ -199,6 +227,15 @@ class HookChain:
         for p in self.plugins:
             p.runtime = runtime
         return self
+
+    def dispatch(self, round: RoundContext, client_id: int, state: State) -> State:
+        for p in self.plugins:
+            state = p.dispatch(round, client_id, state)
+        return state
+
+    @property
+    def needs_peer_digests(self) -> bool:
+        return any(p.needs_peer_digests for p in self.plugins)
 
     def client_data(self, client: ClientContext, examples: list[Example]) -> list[Example]:
         for p in self.plugins:

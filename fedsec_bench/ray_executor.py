@@ -17,6 +17,7 @@ What travels, and how often:
 - once per round, one object in the object store: the global trainable state and the
   driver's client-side plugins as they stand at the round's start (pickled without their
   runtime; a worker binds them to its own). A worker reads it once per round, not per client;
+  a client the server sent a crafted state (``dispatch``) gets that state as an object of its own;
 - back, per client: its :class:`Message` and its :class:`~fedsec_bench.ground_truth.ClientReport`.
   Attributes a client-side hook sets on its plugin stay on the worker; what the client sends,
   and ``client.metrics`` and ``client.notes`` for the scorers, are the way back, as with ``local``.
@@ -57,6 +58,10 @@ class ClientJob:
     round: int
     seed: int
     peers: tuple[int, ...]
+    peer_digests: tuple[tuple[int, str], ...] = ()
+    crafted: list | None = None
+    """A state the server sent this client instead of the global one (``dispatch``), wrapped in a list
+    holding its object-store reference; None for the round's global state."""
 
 
 @dataclass
@@ -101,8 +106,10 @@ class ClientWorker:
             self.global_state = {n: t.to(self.runtime.device) for n, t in shared.global_state.items()}
             self.hooks = shared.hooks.bind(self.runtime)
             self.round = job.round
-        client = ClientContext(job.client_id, job.round, job.seed, self.runtime, peers=list(job.peers))
-        message, report = client_round(client, self.global_state, self.hooks)
+        client = ClientContext(job.client_id, job.round, job.seed, self.runtime, peers=list(job.peers),
+                               peer_digests=dict(job.peer_digests))
+        state = self.global_state if job.crafted is None else _state_to(ray.get(job.crafted[0]), self.runtime.device)
+        message, report = client_round(client, state, self.hooks)
         return _payload_to(message, torch.device("cpu")), report
 
 
@@ -122,7 +129,11 @@ class RayExecutor:
     def run_clients(self, round: RoundContext) -> list[ClientResult]:
         broadcast = ray.put(RoundBroadcast(round.round, _state_to(round.global_state, "cpu"), self.hooks))
         peers = tuple(round.sampled)
-        jobs = [ClientJob(cid, round.round, client_seed(round.runtime, round.round, cid), peers) for cid in round.sampled]
+        digests = tuple(round.received_digests().items()) if self.hooks.needs_peer_digests else ()
+        crafted = {cid: [ray.put(_state_to(round.sent_to(cid), "cpu"))] for cid in round.sampled
+                   if round.sent_to(cid) is not round.global_state}
+        jobs = [ClientJob(cid, round.round, client_seed(round.runtime, round.round, cid), peers, digests, crafted.get(cid))
+                for cid in round.sampled]
         done, failed = self.dispatch(jobs, broadcast)
         for cid, error in failed.items():
             warnings.warn(f"round {round.round}: client {cid} failed {ATTEMPTS} times and is left out of the "

@@ -50,7 +50,8 @@ def protocol_figures(result, randomised: tuple[str, ...] = ()) -> pd.DataFrame:
 # Client-side hooks of every kind, each with state that must cross to the workers or back:
 # poisoning marks (client metrics), DP-SGD's ledger (the scorer's truth), DP-FedAvg's adaptive clip
 # norm (driver state at the round's start) and unclipped bits (sent beside the update), CKKS keys
-# (the clients' secret context) and its error measurement (client notes), the clients' X25519 keys.
+# (the clients' secret context) and its error measurement (client notes), the clients' X25519 keys,
+# a malicious server's crafted states and the digests clients compare.
 COMBINATIONS = {
     "dp_sgd+sign_flip+trimmed_mean": {
         "attacks": [{"name": "sign_flip", "clients": [1]}],
@@ -66,6 +67,16 @@ COMBINATIONS = {
         "defenses": [{"name": "dp_fedavg", "clip_norm": 0.05, "noise_multiplier": 0.3, "adaptive_clipping": True,
                       "count_noise": 0.5}, {"name": "secure_aggregation", "dropout_rate": 0.3}],
         "federation": {"sampling": "poisson", "clients_per_round": 3},
+    },
+    "model_inconsistency+model_consistency+secure_aggregation": {  # crafted states and peer digests reach workers
+        "attacks": [{"name": "model_inconsistency", "rounds": [2]}, {"name": "update_probe"}],
+        "defenses": [{"name": "model_consistency"}, {"name": "secure_aggregation"}],
+        "federation": {"clients_per_round": 3},
+    },
+    "model_inconsistency+secure_aggregation": {
+        "attacks": [{"name": "model_inconsistency"}],
+        "defenses": [{"name": "secure_aggregation"}],
+        "federation": {"clients_per_round": 3},
     },
     "backdoor+he_aggregation on instruction data": {  # workers render and mask prompts exactly as the driver
         "data": {"format": "instruction", "seq_len": 64},

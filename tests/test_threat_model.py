@@ -105,6 +105,10 @@ class Spy(Plugin):
     recovered: dict[tuple[int, int], list[np.ndarray]] = {}
     scored: list[RoundTruth] = []
 
+    def dispatch(self, round, client_id, state):
+        self.look("dispatch", round, state)
+        return state
+
     def collusion(self, round, messages):
         self.look("collusion", round, messages)
         return messages
@@ -138,7 +142,7 @@ class Spy(Plugin):
             "truth": [o for o in objects if isinstance(o, (ClientReport, RoundTruth))
                       or (isinstance(o, str) and o in SIMULATOR_ONLY)],
             "vectors": [v for v in vectors if v is not None],
-            "payloads": [] if aggregate is not None else [type(m.payload) for m in argument],
+            "payloads": [type(m.payload) for m in argument] if hook in ("collusion", "server_observation") else [],
             "aggregate": None if aggregate is None else flatten(aggregate),
         })
 
@@ -210,9 +214,10 @@ def test_no_server_side_hook_can_reach_the_simulators_truth(tiny, parties, defen
     """Whatever the transport, a server-side hook gets the round's public facts and the messages: no report,
     no truth, no plaintext note, no malicious mark. The scorer gets all of them."""
     spied_run(tiny, defense)
-    assert {v["hook"] for v in Spy.views} == {"collusion", "server_observation", "post_aggregation"}
+    assert {v["hook"] for v in Spy.views} == {"dispatch", "collusion", "server_observation", "post_aggregation"}
     for view in Spy.views:
-        assert view["fields"] == {"round", "runtime", "sampled", "global_state", "delivered"}, view["hook"]
+        assert view["fields"] == {"round", "runtime", "sampled", "global_state", "delivered", "dispatched",
+                                  "isolated"}, view["hook"]
         assert view["truth"] == [], view["hook"]
     for truth in Spy.scored:  # the scorer is where the truth goes
         assert truth.trained() and truth.malicious_clients() <= {0}

@@ -10,7 +10,11 @@ attacked with one of three methods:
 
 A payload that is not a plain tensor dict (ciphertexts, masked vectors) cannot be
 read: it is counted in ``inversion.unreadable_clients`` and no per-client score is
-logged for it. When no individual update was readable, the attack is run once on
+logged for it, unless a malicious server isolated that client's update from the
+aggregate (``model_inconsistency``; ``inversion.isolated_clients``), which is then attacked
+as a readable one. A client a malicious server sent a crafted model (``dispatch``) is left to
+the attack that crafted it: its update is not a gradient of the global model. When no
+individual update was readable, the attack is run once on
 the aggregate the server does learn (``inversion.aggregate.*``), scored against the
 union of the sampled clients' batches. Every attacked batch is written, true and
 reconstructed text side by side, to ``inversion_table.csv`` in the run's artifacts.
@@ -39,7 +43,7 @@ from pydantic import Field
 from fedsec_bench.client import local_steps
 from fedsec_bench.ground_truth import RoundTruth
 from fedsec_bench.messages import Message, RoundContext, State
-from fedsec_bench.plugins import Options, Plugin
+from fedsec_bench.plugins import Options, Plugin, check_clients_and_rounds
 
 from . import metrics
 from .ground_truth import trained_sequences
@@ -99,7 +103,10 @@ class GradientInversion(Plugin):
     def __init__(self, options, runtime):
         super().__init__(options, runtime)
         self.rows: list[dict] = []
-        self.pending_aggregate: list[Message] | None = None
+        self.unread: tuple[list[Message], list[Message]] = ([], [])
+        """The round's chosen messages the server could not read, and all it received."""
+        self.isolated = 0
+        """Updates attacked this round that a malicious server isolated from the aggregate."""
         self.attempts: list[Attempt] = []
 
     @classmethod
@@ -112,48 +119,50 @@ class GradientInversion(Plugin):
             )
         if options.method != "optimization" and arch is not None and arch not in FIRST_LINEAR:
             raise ValueError(f"method={options.method} supports model.arch {', '.join(FIRST_LINEAR)}")
-        fed = scenario.federation
-        bad = [c for c in options.clients or [] if not 0 <= c < fed.num_clients]
-        if bad:
-            raise ValueError(f"clients: {bad} are not client ids (0..{fed.num_clients - 1})")
-        bad = [r for r in options.rounds or [] if not 1 <= r <= fed.rounds]
-        if bad:
-            raise ValueError(f"rounds: {bad} are not rounds of this run (1..{fed.rounds})")
+        check_clients_and_rounds(scenario.federation, options.clients, options.rounds)
 
     # --- hooks ---------------------------------------------------------------------
     def server_observation(self, round: RoundContext, messages: list[Message]) -> dict[str, float] | None:
         if self.options.rounds is not None and round.round not in self.options.rounds:
             return None
-        chosen = [m for m in messages if self.options.clients is None or m.client_id in self.options.clients]
+        chosen = [m for m in messages if (self.options.clients is None or m.client_id in self.options.clients)
+                  and round.sent_to(m.client_id) is round.global_state]
         plain = [m for m in chosen if readable(m, round.global_state)][: self.options.max_clients_per_round]
         fed = self.runtime.scenario.federation
         figures = {"inversion.attacked_clients": float(len(plain)),
                    "inversion.unreadable_clients": float(len(chosen) - len(plain)),
                    "inversion.exact_gradient": float(exact_gradient(fed, [m.num_examples for m in chosen]))}
         if not plain:
-            self.pending_aggregate = messages if (chosen and self.options.attack_aggregate) else None
+            self.unread = (chosen, messages)
             return figures
         view = ModelView(self.runtime, round.global_state)
         self.attempts += [self._attack(view, round, "inversion", m.payload, [m]) for m in plain]
         return figures
 
     def post_aggregation(self, round: RoundContext, aggregate: State) -> State:
-        """Under secure or encrypted aggregation the server still learns the aggregate: attack that."""
-        messages, self.pending_aggregate = self.pending_aggregate, None
-        if messages and isinstance(aggregate, dict):
-            view = ModelView(self.runtime, round.global_state)
+        """Updates the server could not read: a malicious server may have isolated some from the
+        aggregate (``round.isolated``, model inconsistency), attacked then as readable ones; otherwise,
+        under secure or encrypted aggregation, the server still learns the aggregate: attack that."""
+        (chosen, messages), self.unread = self.unread, ([], [])
+        isolated = [m for m in chosen if m.client_id in round.isolated][: self.options.max_clients_per_round]
+        view = ModelView(self.runtime, round.global_state)
+        if isolated:
+            self.isolated += len(isolated)
+            self.attempts += [self._attack(view, round, "inversion", round.isolated[m.client_id], [m]) for m in isolated]
+        elif chosen and self.options.attack_aggregate and isinstance(aggregate, dict):
             self.attempts.append(self._attack(view, round, "inversion.aggregate", aggregate, messages))
         return aggregate
 
     def score_round(self, round: RoundContext, truth: RoundTruth, metrics_so_far: dict[str, float]) -> dict[str, float] | None:
         """Each of the round's reconstructions against what its clients really trained on."""
         attempts, self.attempts = self.attempts, []
+        isolated, self.isolated = self.isolated, 0
         if not attempts:
             return None
         scored = [(a.prefix, self._score(round.round, a)) for a in attempts]
         self.rows += [row for _, row in scored]
         self.runtime.write_table(TABLE, self.rows)
-        figures: dict[str, float] = {}
+        figures: dict[str, float] = {"inversion.isolated_clients": float(isolated)} if isolated else {}
         for prefix in dict.fromkeys(prefix for prefix, _ in scored):
             figures |= metrics.summarize([row for p, row in scored if p == prefix], prefix)
         return figures

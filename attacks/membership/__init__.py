@@ -9,7 +9,8 @@ Threat models (option ``threat``):
   target client's plain message it rebuilds the client's local model (global + update)
   and attacks that client's examples. When the payload is not plain tensors (encrypted or
   masked aggregation) or the target sent nothing, it only has what it really holds: the
-  model after aggregation; ``mia.server.update_readable`` says which.
+  model after aggregation; ``mia.server.update_readable`` says which. A malicious server that
+  isolated the target's update from the aggregate (``model_inconsistency``) reads it as plain.
 
 Either way the attack is scored outside the protocol (``score_round``, ``training_end``):
 which examples were members is the simulator's truth (who trained, and on what), not
@@ -123,6 +124,12 @@ class MembershipInference(Plugin):
         readable = sent[0].payload if sent and sent[0].is_plain else None
         self.observed = (target, readable)
 
+    def post_aggregation(self, round: RoundContext, aggregate: State) -> State:
+        """A malicious server that isolated the target's update from the aggregate reads it as a plain one."""
+        if self.observed is not None and self.observed[1] is None and self.observed[0] in round.isolated:
+            self.observed = (self.observed[0], round.isolated[self.observed[0]])
+        return aggregate
+
     def score_round(self, round: RoundContext, truth: RoundTruth, metrics: dict[str, float]) -> dict[str, float] | None:
         self.participants.update(truth.trained())
         if self.observed is None or round.round != self.attack_round:
@@ -131,7 +138,8 @@ class MembershipInference(Plugin):
         if update is None:  # only the aggregate: the model the round produced
             model = self.runtime.trainable.snapshot()
         else:
-            model = {n: round.global_state[n] + update[n].to(round.global_state[n].dtype) for n in round.global_state}
+            sent = round.sent_to(target)  # a malicious server may have sent the target another state
+            model = {n: sent[n] + update[n].to(sent[n].dtype) for n in sent}
         figures = self.attack(model, [target], round.round)
         return {**figures, f"{self.prefix}update_readable": float(update is not None)}
 
@@ -141,37 +149,13 @@ class MembershipInference(Plugin):
         return self.attack(runtime.trainable.snapshot(), sorted(self.participants), 0)
 
     # --- the attack ----------------------------------------------------------------------
-    def samples(
-        self, clients: list[int], rng: np.random.Generator
-    ) -> tuple[list[Example], list[Example], list[Example]]:
-        """(members, non-members, attacker population), each drawn from the same distribution.
-
-        Members: ``num_samples`` distinct ordinary examples of ``clients`` and, with
-        ``canaries``, their planted canaries (repetitions 0 is a secret inside another
-        record, not a record of its own: not attacked). Non-members: as many held-out
-        examples and as many fresh canaries (:func:`.canaries.fresh_canaries`: canaries
-        that could have been planted but were not). The population, used by reference
-        and rmia only, is the rest of the held-out split and as many fresh canaries again.
-        """
-        data, opts = self.runtime.data, self.options
-        ordinary = list(dict.fromkeys(data.pool[i] for c in clients for i in data.parts[c]))
-        planted = [c for c in data.canaries if c.client_id in clients and c.repetitions] if opts.canaries else []
-        wants_population = bool(POPULATION_METHODS & set(opts.method))
-        heldout = [data.heldout[i] for i in rng.permutation(len(data.heldout))]
-        available = len(heldout) // 2 if wants_population else len(heldout)
-        n = min(len(ordinary), available, opts.num_samples or len(ordinary))
-        if n < 1:
-            raise RuntimeError(f"{self.prefix}: no member examples to attack (did any client train?)")
-        fresh, spare = fresh_canaries(planted, 2, rng, self.runtime.scenario.data.is_prompted)
-        members = [ordinary[i] for i in rng.choice(len(ordinary), n, replace=False)] + [c.example for c in planted]
-        nonmembers = heldout[:n] + [c.example for c in fresh]
-        population = heldout[n:] + [c.example for c in spare] if wants_population else []
-        return members, nonmembers, population
-
     def attack(self, target: State, clients: list[int], key: int) -> dict[str, float]:
         rt, opts = self.runtime, self.options
         rng = np.random.default_rng(rt.seed_for(SEED_KEY, key))
-        members, nonmembers, population = self.samples(clients, rng)
+        wants_population = bool(POPULATION_METHODS & set(opts.method))
+        members, nonmembers, population = draw_samples(
+            rt, clients, rng, opts.num_samples, opts.canaries, wants_population, self.prefix
+        )
         targets = members + nonmembers
         labels = np.r_[np.ones(len(members), bool), np.zeros(len(nonmembers), bool)]
         universe = targets + population
@@ -231,6 +215,41 @@ class MembershipInference(Plugin):
         }
         title = f"{stem}: {int(labels.sum())} members, as many non-members"
         plot_roc(curves, self.runtime.artifact_dir / f"{stem}_roc.png", title)
+
+
+def draw_samples(
+    runtime,
+    clients: list[int],
+    rng: np.random.Generator,
+    num_samples: int | None = None,
+    canaries: bool = False,
+    wants_population: bool = False,
+    prefix: str = "mia.",
+) -> tuple[list[Example], list[Example], list[Example]]:
+    """(members, non-members, attacker population), each drawn from the same distribution.
+
+    Members: ``num_samples`` (default: all) distinct ordinary examples of ``clients`` and, with
+    ``canaries``, their planted canaries (repetitions 0 is a secret inside another
+    record, not a record of its own: not attacked). Non-members: as many held-out
+    examples and as many fresh canaries (:func:`.canaries.fresh_canaries`: canaries
+    that could have been planted but were not). The population, used by reference
+    and rmia only (``wants_population``: non-members then come from half the held-out
+    split at most), is the rest of the held-out split and as many fresh canaries again.
+    ``prefix`` names the attack in errors.
+    """
+    data = runtime.data
+    ordinary = list(dict.fromkeys(data.pool[i] for c in clients for i in data.parts[c]))
+    planted = [c for c in data.canaries if c.client_id in clients and c.repetitions] if canaries else []
+    heldout = [data.heldout[i] for i in rng.permutation(len(data.heldout))]
+    available = len(heldout) // 2 if wants_population else len(heldout)
+    n = min(len(ordinary), available, num_samples or len(ordinary))
+    if n < 1:
+        raise RuntimeError(f"{prefix}: no member examples to attack (did any client train?)")
+    fresh, spare = fresh_canaries(planted, 2, rng, runtime.scenario.data.is_prompted)
+    members = [ordinary[i] for i in rng.choice(len(ordinary), n, replace=False)] + [c.example for c in planted]
+    nonmembers = heldout[:n] + [c.example for c in fresh]
+    population = heldout[n:] + [c.example for c in spare] if wants_population else []
+    return members, nonmembers, population
 
 
 def needs(method: str) -> list[str]:
