@@ -154,11 +154,12 @@ class ActiveMembership(Plugin):
     def score_round(self, round: RoundContext, truth: RoundTruth, metrics: dict[str, float]) -> dict[str, float] | None:
         if round.round != self.attack_round:
             return None
-        if self.losses is None:
+        losses, self.losses = self.losses, None  # nothing of the round is kept past its scoring
+        if losses is None:
             return {f"{PREFIX}update_readable": 0.0}
-        before = self.losses.loss_honest if self.options.statistic == "net_drop" else self.losses.loss_sent
-        scores = (before - self.losses.loss_trained).to_numpy()
-        self.write_scores(scores)
+        before = losses.loss_honest if self.options.statistic == "net_drop" else losses.loss_sent
+        scores = (before - losses.loss_trained).to_numpy()
+        self.write_scores(losses, scores)
         return {
             f"{PREFIX}auc": auc(scores, self.is_member),
             f"{PREFIX}tpr_at_1pct_fpr": tpr_at_fpr(scores, self.is_member, 0.01),
@@ -179,9 +180,9 @@ class ActiveMembership(Plugin):
         members, nonmembers, _ = draw_samples(self.runtime, [target], rng, self.options.num_samples, prefix=PREFIX)
         return members + nonmembers, np.r_[np.ones(len(members), bool), np.zeros(len(nonmembers), bool)]
 
-    def write_scores(self, scores: np.ndarray) -> None:
+    def write_scores(self, losses: pd.DataFrame, scores: np.ndarray) -> None:
         texts = [self.runtime.batcher.renderer.full_text(e) for e in self.candidates]  # as the model read them
-        table = self.losses.assign(text=texts, member=self.is_member.astype(int), score=scores)
+        table = losses.assign(text=texts, member=self.is_member.astype(int), score=scores)
         self.runtime.write_table("mia_active_scores.csv", table.rename_axis("sample").reset_index())
 
 

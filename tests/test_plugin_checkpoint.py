@@ -48,6 +48,10 @@ ENTRIES = {
     "backdoor": ("attacks", ATTACKER, {}),
     "label_flip": ("attacks", {**ATTACKER, "mapping": {"the": "a"}}, {}),
     "fedex_lora": ("tuning", {}, {"tuning": {"lora": {"aggregation": "exact"}}}),
+    "model_inconsistency": ("attacks", {}, {}),
+    "imprint": ("attacks", {}, {"tuning": {"mode": "full"}}),
+    "active_membership": ("attacks", {}, {}),
+    "model_consistency": ("defenses", {}, {}),
 }
 CROSS_ROUND = {
     # state that must have moved in two rounds, as the checkpoint holds it
@@ -80,6 +84,7 @@ def scenario_with(tiny, name: str) -> dict:
     elif where != "tuning":
         tiny[where] = [{"name": name, **options}]
     tiny["tuning"]["lora"] |= extra.get("tuning", {}).get("lora", {})
+    tiny["tuning"]["mode"] = extra.get("tuning", {}).get("mode", tiny["tuning"]["mode"])
     return tiny
 
 
