@@ -24,7 +24,7 @@ not compare models (the ``model_consistency`` defense does); the aggregate is th
 example-weighted mean (FedAvg, ``secure_aggregation``, ``he_aggregation``; the plan refuses
 other rules); the server adds nothing before it reads the aggregate, so central DP
 (``dp_fedavg``'s server noise) does not stop it, while noise the clients add themselves
-(``dp_sgd``, ``dp_fedavg`` with ``noise: distributed``) stays in the non-targets' updates
+(``dp_sgd``, ``dp_fedavg`` with ``distributed: true``) stays in the non-targets' updates
 and shows in ``inconsistency.isolation_error``. Prompt mode is refused: a zero soft prompt
 still reaches a real base model, whose gradient does not vanish.
 
