@@ -2,7 +2,8 @@
 
 Both DP defenses run the Poisson-subsampled Gaussian mechanism (sampling rate q, noise
 multiplier z) again and again: ``dp_sgd`` once per local step, on one client's records,
-so it keeps a ledger per client; ``dp_fedavg`` once per round, on the users, so it keeps
+so it keeps a ledger per client (:class:`ClientLedgers`, as ``local_dp`` does, once per
+round on each client's update); ``dp_fedavg`` once per round, on the users, so it keeps
 one for the federation. A ledger composes those runs with Opacus: RDP (Mironov, Talwar,
 Zhang 2019, converted to ε(δ) by Balle et al. 2020, Theorem 21) or PRV (Gopi, Lee,
 Wutschitz 2021).
@@ -21,6 +22,8 @@ import warnings
 
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
+
+from fedsec_bench.ground_truth import ClientReport, RoundTruth
 
 ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512, 1024])
 
@@ -54,6 +57,51 @@ class Ledger:
         with warnings.catch_warnings():  # "optimal order is the largest alpha" only says the grid bounds ε from above
             warnings.simplefilter("ignore")
             return float(self.accountant.get_epsilon(delta=delta, **epsilon_options(self.accountant.mechanism())))
+
+
+def report_runs(metrics: dict[str, float], prefix: str, noise_multiplier: float, sample_rate: float,
+                steps: int) -> None:
+    """Record, in a client's ``client.metrics``, the runs of the sampled Gaussian mechanism it made this
+    round, for :meth:`ClientLedgers.record` on the driver (a client hook may run on a Ray worker)."""
+    metrics |= {f"{prefix}.noise_multiplier": noise_multiplier, f"{prefix}.sample_rate": sample_rate,
+                f"{prefix}.steps": steps}
+
+
+def reported_runs(metrics: dict[str, float], prefix: str) -> tuple[float, float, int]:
+    """(noise multiplier, sample rate, steps) that :func:`report_runs` recorded."""
+    return metrics[f"{prefix}.noise_multiplier"], metrics[f"{prefix}.sample_rate"], int(metrics[f"{prefix}.steps"])
+
+
+class ClientLedgers(dict[int, Ledger]):
+    """Client id -> that client's own :class:`Ledger`, for a mechanism each client runs on its own data.
+
+    The guarantee is each client's own, so no protocol party needs the ledgers: they live with
+    the plugin on the driver, composed by its scorer from the round's truth (:meth:`record`),
+    which the clients fed with :func:`report_runs` under the plugin's ``prefix``. A plugin sends
+    a Ray worker's copy :meth:`empty` ones (its ``__getstate__``); its checkpoint keeps them.
+    """
+
+    def __init__(self, prefix: str, accountant: str = "rdp"):
+        super().__init__()
+        self.prefix = prefix
+        self.accountant = accountant
+
+    def record(self, truth: RoundTruth) -> list[ClientReport]:
+        """Compose the runs each client reported this round into its ledger: every client that trained
+        released, whether its message arrived or not. Returns the reports that had runs."""
+        reports = [r for r in truth.reports if f"{self.prefix}.steps" in r.metrics]
+        for report in reports:
+            noise_multiplier, sample_rate, steps = reported_runs(report.metrics, self.prefix)
+            self.setdefault(report.client_id, Ledger(self.accountant)).compose(noise_multiplier, sample_rate, steps)
+        return reports
+
+    def max_epsilon(self, delta: float) -> float:
+        """The largest ε over the clients so far (0 before any run): the guarantee every client has."""
+        return max((ledger.epsilon(delta) for ledger in self.values()), default=0.0)
+
+    def empty(self) -> ClientLedgers:
+        """No ledgers, the same prefix and accountant: what a Ray worker's copy of the plugin carries."""
+        return ClientLedgers(self.prefix, self.accountant)
 
 
 @functools.lru_cache(maxsize=256)

@@ -33,10 +33,8 @@ Options beyond the paper:
 Transport: every message is sent with ``num_examples = 1`` (equal user weights, and no
 dataset size on the wire), so FedAvg's example-weighted mean becomes the plain mean of
 the n participants' updates and ``post_aggregation`` turns it back into the sum
-(· n) before adding the noise and dividing by q·N. This relies on the aggregation
-computing the weighted mean of ``Message.num_examples`` (``needs_mean_aggregate``: the plan refuses
-other rules), and on its transport seeing the plain update (the plan refuses a hiding transport
-listed before it).
+(· n) before adding the noise and dividing by q·N: the steps every user-level mechanism
+on FedAvg shares (:mod:`.user_level`, with what they rely on).
 """
 
 from __future__ import annotations
@@ -49,9 +47,10 @@ from pydantic import Field, model_validator
 from fedsec_bench.ground_truth import RoundTruth
 from fedsec_bench.messages import ClientContext, Message, RoundContext, State
 from fedsec_bench.plugins import Options, Plugin
-from fedsec_bench.updates import add_gaussian_noise, clip_to_norm, zeros_like
+from fedsec_bench.updates import add_gaussian_noise, zeros_like
 
 from .accounting import Ledger
+from .user_level import clip_update, clipped_fraction, clipped_sum, equal_weights, over_expected_clients, user_delta
 
 UNCLIPPED = "dp_fedavg.unclipped"
 """b_k = 1[‖Δ_k‖ ≤ S]: sent with adaptive clipping, and recorded for the clipped-fraction figure."""
@@ -99,7 +98,7 @@ class DPFedAvg(Plugin):
         fed = runtime.scenario.federation
         self.sample_rate = fed.clients_per_round / fed.num_clients
         self.expected_clients = self.sample_rate * fed.num_clients
-        self.delta = options.delta or 1.0 / (2 * fed.num_clients)
+        self.delta = user_delta(options.delta, fed.num_clients)
         self.clip_norm = options.clip_norm
         self.count_noise = options.count_noise or self.expected_clients / 20
         self.update_noise = update_noise_multiplier(options, self.count_noise)
@@ -130,8 +129,7 @@ class DPFedAvg(Plugin):
 
     # --- client side --------------------------------------------------------------
     def client_update(self, client: ClientContext, update: State) -> State:
-        clipped, norm = clip_to_norm(update, self.clip_norm)
-        client.metrics[UNCLIPPED] = float(norm <= self.clip_norm)
+        clipped = clip_update(client, update, self.clip_norm, UNCLIPPED)
         if self.options.adaptive_clipping:
             client.side[UNCLIPPED] = client.metrics[UNCLIPPED]
         if self.options.distributed:
@@ -140,9 +138,7 @@ class DPFedAvg(Plugin):
         return clipped
 
     def transport(self, client: ClientContext, message: Message) -> Message:
-        """Equal user weights: the server learns no dataset size and FedAvg's mean is unweighted."""
-        message.num_examples = 1
-        return message
+        return equal_weights(message)
 
     # --- server side --------------------------------------------------------------
     def server_observation(self, round: RoundContext, messages: list[Message]) -> None:
@@ -153,7 +149,7 @@ class DPFedAvg(Plugin):
     def post_aggregation(self, round: RoundContext, aggregate: State) -> State:
         participants = len(round.delivered)  # the updates in the mean: the sampled clients whose message arrived
         skipped = self.options.distributed and participants < self.min_clients
-        total = {name: t * participants for name, t in aggregate.items()}
+        total = clipped_sum(aggregate, round)
         if not self.options.distributed:
             generator = torch.Generator().manual_seed(self.runtime.seed_for(round.round, 0, 1))
             total = add_gaussian_noise(total, self.update_noise * self.clip_norm, generator)
@@ -163,7 +159,7 @@ class DPFedAvg(Plugin):
         self.ledger.compose(self.options.noise_multiplier, self.sample_rate)
         if skipped:
             return zeros_like(aggregate)
-        return {name: t * (1.0 / self.expected_clients) for name, t in total.items()}
+        return over_expected_clients(total, self.expected_clients)
 
     def adapt_clip_norm(self, unclipped: float, participants: int, rnd: int) -> None:
         """S ← S·exp(−η(b̄ − γ)), b̄ = (Σ(b_k − ½) + N(0, σ_b²))/(q·N) + ½ (Andrew et al. 2021, Algorithm 1)."""
@@ -174,10 +170,9 @@ class DPFedAvg(Plugin):
 
     def score_round(self, round: RoundContext, truth: RoundTruth, metrics: dict[str, float]) -> dict[str, float]:
         """The server's figures, the guarantee so far, and the share of the delivered updates clipped."""
-        unclipped = truth.client_values(UNCLIPPED, among=round.delivered)
         return {
             **self.round_figures,
-            "dp_fedavg.clipped_fraction": 1 - sum(unclipped.values()) / len(unclipped) if unclipped else 0.0,
+            "dp_fedavg.clipped_fraction": clipped_fraction(round, truth, UNCLIPPED),
             "privacy.user_epsilon": self.ledger.epsilon(self.delta),
             "privacy.user_delta": self.delta,
         }

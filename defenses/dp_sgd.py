@@ -9,11 +9,38 @@ RDP, Mironov et al. 2019, or PRV, Gopi et al. 2021); each client has its own led
 kept for the whole run, because each client runs its own mechanism on its own records.
 Clients record the mechanism and its steps for the simulator; the ledgers live with the
 plugin on the driver, where its scorer (``score_round``) composes them from the round's
-truth (the client side may run on a Ray worker). The guarantee is each client's own: no
-protocol party needs the ledgers.
+truth (:class:`.accounting.ClientLedgers`: the client side may run on a Ray worker). The
+guarantee is each client's own: no protocol party needs the ledgers.
 
-Per-example gradients come from Opacus' GradSampleModule in ``hooks`` mode (see
-:data:`GRAD_SAMPLE_MODE`). Three traps of Hugging Face + PEFT models are handled here,
+How each example's gradient is clipped (option ``clipping``), all through Opacus:
+
+* ``flat`` (default): Opacus' GradSampleModule materialises every per-example gradient
+  (``hooks`` mode, see :data:`GRAD_SAMPLE_MODE`) and DPOptimizer clips each whole
+  gradient vector to C, as above;
+* ``per_layer``: the same per-example gradients, and Opacus' DPPerLayerOptimizer clips
+  each trainable parameter tensor l of an example's gradient to its own bound C_l. We
+  split C equally, C_l = C/√L over the L tensors (Opacus takes any list and prescribes
+  none), so that √(Σ_l C_l²) = C: an example's clipped gradient still has norm at most C,
+  the noise std is still σC (Opacus derives it from √(Σ C_l²)), and the sensitivity and
+  the accountant's ε are those of flat clipping at C. It clips more than flat does
+  (every layer must fit its share), which can cost utility, never privacy;
+* ``ghost``: ghost clipping (Li et al. 2022, "Large Language Models Can Be Strong
+  Differentially Private Learners"; Bu et al. 2022, "Scalable and Efficient Training
+  of Large Convolutional Neural Networks with Differential Privacy"), Opacus' fast
+  gradient clipping: a first backward pass computes each example's gradient norm layer
+  by layer without materialising the gradients (for a linear layer with inputs a_t and
+  output gradients g_t over T tokens, ‖Σ_t g_t a_tᵀ‖² = Σ_{t,t'} (g_t·g_t')(a_t·a_t'),
+  a T×T product per example), then a second backward pass on Σ_i c_i ℓ_i with
+  c_i = min(1, C/‖g_i‖) yields the sum of clipped gradients, which
+  DPOptimizerFastGradientClipping noises. It is the same clipping as ``flat`` (equal up
+  to float rounding, tested), hence the same guarantee, with no per-example gradient
+  held for layers Opacus has a norm sampler for (Linear, Embedding: all of LoRA's and
+  prompt tuning's). The others (Llama's RMSNorm in full tuning) fall back to that one
+  layer's per-example gradients, kept only for their norms (tested). Opacus raises on
+  parameter tying under ghost clipping, so full tuning of a model whose input and
+  output embeddings are tied (GPT-2) is refused with ``clipping: ghost``.
+
+Three traps of Hugging Face + PEFT models are handled here, for every clipping mode,
 each checked against per-example backward passes in tests/test_dp_sgd.py:
 
 * the training loss. transformers' ``.loss`` is the mean over every token of the
@@ -35,20 +62,23 @@ GPT-2's tied input/output embedding gets the sum of both uses' per-example gradi
 (Opacus accumulates a parameter's grad samples over the modules sharing it); its
 ``Conv1D`` has no Opacus grad sampler and goes through Opacus' functorch fallback.
 
-The shared model is wrapped only while the client trains: hooks and every attribute
-Opacus adds to parameters are removed afterwards, so the next client, the server and
-the evaluation see the plain model.
+The shared model is wrapped only while the client trains: hooks (ours and Opacus') and
+every attribute Opacus adds to parameters are removed afterwards, so the next client,
+the server and the evaluation see the plain model.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Literal
 
 import torch
 from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
+from opacus.grad_sample import AbstractGradSampleModule, GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping, DPPerLayerOptimizer
+from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from pydantic import Field, model_validator
 from torch.utils.data import DataLoader
@@ -58,7 +88,7 @@ from fedsec_bench.lm import soft_prompted, target_logprobs
 from fedsec_bench.messages import ClientContext
 from fedsec_bench.plugins import Options, Plugin
 
-from .accounting import Ledger, calibrate
+from .accounting import ClientLedgers, calibrate, report_runs, reported_runs
 
 GRAD_SAMPLE_MODE = {"full": "hooks", "lora": "hooks", "prompt": "hooks"}
 """Opacus grad-sample mode per tuning mode (``functorch`` is the alternative, for comparison).
@@ -90,6 +120,10 @@ class DPSGDOptions(Options):
     grad_sample_mode: Literal["auto", "hooks", "functorch"] = Field(
         "auto", description="auto: GRAD_SAMPLE_MODE for the tuning mode; functorch for every layer otherwise."
     )
+    clipping: Literal["flat", "ghost", "per_layer"] = Field(
+        "flat", description="flat: each example's whole gradient to C; per_layer: each parameter tensor to C/sqrt(L) "
+        "(same sensitivity C); ghost: flat clipping from per-example norms, without per-example gradients."
+    )
 
     @model_validator(mode="after")
     def _one_noise_source(self) -> DPSGDOptions:
@@ -107,21 +141,42 @@ class Mechanism:
     noise_multiplier: float
 
 
-@dataclass
-class ClientBudget:
-    """One client's ledger, composed from its round reports over the whole run, and the mechanism it ran."""
+EXAMPLES = "dp_sgd.examples"
+"""The client's number of examples, reported beside its runs (:func:`.accounting.report_runs`) for the table."""
 
-    mechanism: Mechanism
-    ledger: Ledger
 
-    def spend(self, mechanism: Mechanism, steps: int) -> None:
-        self.ledger.compose(mechanism.noise_multiplier, mechanism.sample_rate, steps)
-        self.mechanism = mechanism
+def reported_mechanism(metrics: dict[str, float]) -> Mechanism:
+    """The mechanism a client reported running this round."""
+    noise_multiplier, sample_rate, _ = reported_runs(metrics, DPSGD.name)
+    return Mechanism(int(metrics[EXAMPLES]), sample_rate, noise_multiplier)
 
 
 def federation_delta(options: DPSGDOptions, data) -> float:
     """δ: the option, else 1 / (2 · training examples of the whole federation)."""
     return options.delta or 1.0 / (2 * sum(data.num_examples(c) for c in range(data.num_clients)))
+
+
+TIED_GHOST_REFUSAL = (
+    "clipping: ghost cannot clip {model}'s tied input/output embedding in tuning.mode full (Opacus' ghost "
+    "clipping does not support parameter tying); set dp_sgd.clipping to flat or per_layer, or tune with "
+    "tuning.mode lora or prompt"
+)
+
+
+def tied_trainable_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of trainable parameters that more than one module uses (GPT-2's wte and lm_head)."""
+    users: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                users.setdefault(id(p), []).append(f"{module_name}.{name}")
+    return [names[0] for names in users.values() if len(names) > 1]
+
+
+def per_layer_bounds(max_grad_norm: float, tensors: int) -> list[float]:
+    """C_l = C/√L for each of the L parameter tensors, so that √(Σ_l C_l²) = C, the sensitivity of flat
+    clipping."""
+    return [max_grad_norm / math.sqrt(tensors)] * tensors
 
 
 def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -138,15 +193,29 @@ def prompt_forward(peft_model, input_ids: torch.Tensor, attention_mask: torch.Te
     return peft_model.base_model(inputs_embeds=embeds, attention_mask=mask).logits[:, -input_ids.shape[1] :]
 
 
-def per_example_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], mode: str) -> torch.Tensor:
-    """The loss of each example, computed so that every trainable layer sees the batch dimension."""
+def example_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], mode: str) -> torch.Tensor:
+    """The logits of each example, computed so that every trainable layer sees the batch dimension."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     if mode == "prompt":
-        logits = prompt_forward(model, ids, mask)
-    else:
-        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-    return sequence_losses(logits, batch["labels"])
+        return prompt_forward(model, ids, mask)
+    positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+
+
+def per_example_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], mode: str) -> torch.Tensor:
+    """The loss of each example (:func:`sequence_losses` of :func:`example_logits`)."""
+    return sequence_losses(example_logits(model, batch, mode), batch["labels"])
+
+
+class SequenceLoss:
+    """:func:`sequence_losses` as a criterion with torch's ``reduction`` switch, the interface through which
+    Opacus' DPLossFastGradientClipping asks for the per-example losses (``reduction="none"``)."""
+
+    reduction = "mean"
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        losses = sequence_losses(logits, labels)
+        return losses if self.reduction == "none" else losses.mean()
 
 
 @dataclass
@@ -158,17 +227,11 @@ class PrivateTraining(LocalTraining):
     tuning_mode: str = "lora"
     poisson: bool = True
     functorch: bool = False
+    clipping: str = "flat"
     generator: torch.Generator = field(default_factory=torch.Generator)
 
     def run(self) -> float:
-        wrapped = GradSampleModule(self.model, loss_reduction="mean", strict=False, force_functorch=self.functorch)
-        optimizer = DPOptimizer(
-            self.optimizer,
-            noise_multiplier=self.mechanism.noise_multiplier,
-            max_grad_norm=self.max_grad_norm,
-            expected_batch_size=max(1, round(self.mechanism.sample_rate * self.mechanism.examples)),
-            loss_reduction="mean",
-        )
+        wrapped, optimizer = self.wrap()
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.model.train()
         total, nonempty = 0.0, 0
@@ -176,18 +239,52 @@ class PrivateTraining(LocalTraining):
             for batch in islice(self.batches(), self.steps):
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 if batch["input_ids"].shape[0] == 0:  # a Poisson batch can be empty: noise only
-                    for p in params:
-                        p.grad_sample = p.new_zeros((0, *p.shape))
+                    self.empty_batch(params)
                 else:
-                    loss = per_example_losses(self.model, batch, self.tuning_mode).mean()
-                    loss.backward()
-                    total, nonempty = total + loss.item(), nonempty + 1
+                    total, nonempty = total + self.backward(wrapped, optimizer, batch), nonempty + 1
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         finally:
             wrapped.cleanup()
             release(self.model, params)
         return total / max(nonempty, 1)
+
+    def wrap(self) -> tuple[AbstractGradSampleModule, DPOptimizer]:
+        """The model wrapped for per-example norms or gradients, and the DP optimizer of the clipping mode."""
+        noise = dict(
+            noise_multiplier=self.mechanism.noise_multiplier, loss_reduction="mean",
+            expected_batch_size=max(1, round(self.mechanism.sample_rate * self.mechanism.examples)),
+        )
+        hooks = dict(loss_reduction="mean", strict=False, force_functorch=self.functorch)
+        if self.clipping == "ghost":
+            wrapped = GradSampleModuleFastGradientClipping(self.model, max_grad_norm=self.max_grad_norm, **hooks)
+            return wrapped, DPOptimizerFastGradientClipping(self.optimizer, max_grad_norm=self.max_grad_norm, **noise)
+        wrapped = GradSampleModule(self.model, **hooks)
+        if self.clipping == "per_layer":
+            tensors = sum(len(group["params"]) for group in self.optimizer.param_groups)
+            bounds = per_layer_bounds(self.max_grad_norm, tensors)
+            return wrapped, DPPerLayerOptimizer(self.optimizer, max_grad_norm=bounds, **noise)
+        return wrapped, DPOptimizer(self.optimizer, max_grad_norm=self.max_grad_norm, **noise)
+
+    def backward(self, wrapped: AbstractGradSampleModule, optimizer: DPOptimizer, batch: dict[str, torch.Tensor]
+                 ) -> float:
+        """Per-example gradients (flat, per_layer) or the sum of clipped ones (ghost's two passes); the batch's
+        mean loss."""
+        if self.clipping == "ghost":
+            criterion = DPLossFastGradientClipping(wrapped, optimizer, SequenceLoss(), loss_reduction="mean")
+            loss = criterion(example_logits(self.model, batch, self.tuning_mode), batch["labels"])
+        else:
+            loss = per_example_losses(self.model, batch, self.tuning_mode).mean()
+        loss.backward()
+        return loss.item()
+
+    def empty_batch(self, params: list[torch.nn.Parameter]) -> None:
+        """What an empty batch leaves for the optimizer: no per-example gradients, or (ghost) a zero clipped sum."""
+        for p in params:
+            if self.clipping == "ghost":
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad_sample = p.new_zeros((0, *p.shape))
 
     def batches(self):
         if not self.poisson:
@@ -222,28 +319,39 @@ class DPSGD(Plugin):
 
     def __init__(self, options: DPSGDOptions, runtime):
         super().__init__(options, runtime)
-        self.budgets: dict[int, ClientBudget] = {}
+        self.budgets = ClientLedgers(self.name, options.accountant)
+        self.mechanisms: dict[int, Mechanism] = {}  # the last one each client ran, for the table
         self.delta = federation_delta(options, runtime.data)
 
     def __getstate__(self) -> dict:
         """A Ray worker's copy needs no ledgers: they stay with the driver, which composes them (a
         resumed run gets them from :meth:`checkpoint`, which keeps them)."""
-        return super().__getstate__() | {"budgets": {}}
+        return super().__getstate__() | {"budgets": self.budgets.empty(), "mechanisms": {}}
 
     @classmethod
     def check(cls, options: DPSGDOptions, scenario) -> None:
-        """Refuse gradient accumulation.
+        """Refuse gradient accumulation, and ghost clipping of a built GPT-2's tied embedding.
 
         DP-SGD's step is one sampled batch, clipped per example and noised once, and the
         accountant composes one sampled Gaussian per batch of rate batch_size / n; summing
-        batches into a step would change both.
+        batches into a step would change both. Opacus' ghost clipping raises on a parameter
+        used by two layers; a built GPT-2 ties its input and output embeddings, trainable in
+        full tuning (a loaded checkpoint's tying is checked once it is loaded: :meth:`check_model`).
         """
+        if options.clipping == "ghost" and scenario.tuning.mode == "full" and scenario.model.arch == "gpt2":
+            raise ValueError(TIED_GHOST_REFUSAL.format(model="GPT-2"))
         if scenario.federation.grad_accumulation > 1:
             raise ValueError(
                 "federation.grad_accumulation > 1 is not supported: each DP-SGD step clips and noises one "
                 "sampled batch of federation.batch_size, as its accountant counts; set grad_accumulation 1 "
                 "(raise federation.batch_size for a larger batch)"
             )
+
+    @classmethod
+    def check_model(cls, options: DPSGDOptions, scenario, model: torch.nn.Module) -> None:
+        """A loaded checkpoint's tying is known only once it is loaded (a built GPT-2 was refused by check())."""
+        if options.clipping == "ghost" and (tied := tied_trainable_parameters(model)):
+            raise ValueError(TIED_GHOST_REFUSAL.format(model=f"the model ({tied[0]})"))
 
     @classmethod
     def check_data(cls, options: DPSGDOptions, scenario, data) -> None:
@@ -271,23 +379,20 @@ class DPSGD(Plugin):
         """Train privately and record the mechanism and its steps for the scorer, which keeps the ledger
         on the driver (``score_round``), since the client side may run in another process (executor: ray)."""
         mechanism = self.mechanism(len(training.loader.dataset), training.steps)
-        client.metrics |= {
-            "dp_sgd.examples": mechanism.examples, "dp_sgd.sample_rate": mechanism.sample_rate,
-            "dp_sgd.noise_multiplier": mechanism.noise_multiplier, "dp_sgd.steps": training.steps,
-        }
+        client.metrics[EXAMPLES] = mechanism.examples
+        report_runs(client.metrics, self.name, mechanism.noise_multiplier, mechanism.sample_rate, training.steps)
         mode = self.runtime.scenario.tuning.mode
         choice = GRAD_SAMPLE_MODE[mode] if self.options.grad_sample_mode == "auto" else self.options.grad_sample_mode
         return PrivateTraining(
             model=training.model, optimizer=training.optimizer, loader=training.loader, steps=training.steps,
             device=training.device, mechanism=mechanism, max_grad_norm=self.options.max_grad_norm, tuning_mode=mode,
-            poisson=self.options.poisson_sampling, functorch=choice == "functorch",
+            poisson=self.options.poisson_sampling, functorch=choice == "functorch", clipping=self.options.clipping,
             generator=torch.Generator().manual_seed(client.seed),
         )
 
     def score_round(self, round, truth, metrics):
-        for report in truth.reports:  # every client that trained spent budget, delivered or not
-            if "dp_sgd.steps" in report.metrics:
-                self.spend(report.client_id, report.metrics)
+        for report in self.budgets.record(truth):  # every client that trained spent budget, delivered or not
+            self.mechanisms[report.client_id] = reported_mechanism(report.metrics)
         table = self.table()
         self.runtime.write_table("dp_sgd_epsilon.csv", table)
         return {
@@ -295,20 +400,11 @@ class DPSGD(Plugin):
             "privacy.delta": self.delta,
         }
 
-    def spend(self, client_id: int, reported: dict[str, float]) -> None:
-        mechanism = Mechanism(
-            int(reported["dp_sgd.examples"]), reported["dp_sgd.sample_rate"], reported["dp_sgd.noise_multiplier"]
-        )
-        if client_id not in self.budgets:
-            self.budgets[client_id] = ClientBudget(mechanism, Ledger(self.options.accountant))
-        self.budgets[client_id].spend(mechanism, int(reported["dp_sgd.steps"]))
-
     def table(self) -> list[dict]:
         """Per-client ε so far: one row per client that has trained."""
         return [
-            {"client_id": cid, "examples": b.mechanism.examples, "sample_rate": b.mechanism.sample_rate,
-             "noise_multiplier": b.mechanism.noise_multiplier, "steps": b.ledger.steps,
-             "epsilon": b.ledger.epsilon(self.delta),
-             "delta": self.delta}
-            for cid, b in sorted(self.budgets.items())
+            {"client_id": cid, "examples": self.mechanisms[cid].examples,
+             "sample_rate": self.mechanisms[cid].sample_rate, "noise_multiplier": self.mechanisms[cid].noise_multiplier,
+             "steps": ledger.steps, "epsilon": ledger.epsilon(self.delta), "delta": self.delta}
+            for cid, ledger in sorted(self.budgets.items())
         ]

@@ -105,13 +105,33 @@ def judge(name: str, figure: Figure, now: float) -> Row:
     return Row("", name, figure.value, now, allowed, verdict)
 
 
-def run_baseline(baseline: Baseline) -> dict[str, float]:
-    """Run the baseline's scenario without MLflow, in a scratch folder; return its final figures."""
+def find_baselines(folder: Path) -> Path:
+    """The baselines folder as given, else the first one found under the working directory's parents:
+    ``fedsec check`` works from anywhere inside the repository."""
+    if folder.is_absolute() or folder.exists():
+        return folder
+    return next((parent / folder for parent in Path.cwd().parents if (parent / folder).is_dir()), folder)
+
+
+def scenario_of(baseline: Baseline, path: Path) -> Path:
+    """The baseline's scenario: a path relative to the baseline file's folder or to one of its parents
+    (``scenarios/ci/x.yaml`` in ``results/baselines/x.json`` is the repository's), else a bundled name."""
     from .cli import resolve_scenario_path
+
+    scenario = Path(baseline.scenario)
+    if not scenario.is_absolute():
+        for folder in (path.parent, *path.resolve().parent.parents):
+            if (folder / scenario).exists():
+                return folder / scenario
+    return resolve_scenario_path(baseline.scenario)
+
+
+def run_baseline(baseline: Baseline, path: Path) -> dict[str, float]:
+    """Run the baseline's scenario without MLflow, in a scratch folder; return its final figures."""
     from .plan import load_plan
     from .runner import run
 
-    plan = load_plan(resolve_scenario_path(baseline.scenario), baseline.overrides)
+    plan = load_plan(scenario_of(baseline, path), baseline.overrides)
     with tempfile.TemporaryDirectory() as scratch:
         tracking = plan.scenario.tracking
         plan.scenario.tracking = tracking.model_copy(update={"enabled": False, "output_dir": scratch})
@@ -121,7 +141,7 @@ def run_baseline(baseline: Baseline) -> dict[str, float]:
 def check_baseline(path: Path, update: bool = False) -> list[Row]:
     """Run one baseline's scenario and judge every figure; with ``update``, record the new values."""
     baseline = load_baseline(path)
-    final = run_baseline(baseline)
+    final = run_baseline(baseline, path)
     rows = []
     for name, figure in baseline.metrics.items():
         row = judge(name, figure, final.get(name, math.nan))

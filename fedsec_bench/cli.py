@@ -137,13 +137,31 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--dry-run", action="store_true", help="list the combinations and exit")
     sweep.set_defaults(command=cmd_sweep)
 
-    compare = sub.add_parser("compare", help="one table (and plots) comparing runs from MLflow")
+    compare = sub.add_parser(
+        "compare", help="one table (and plots) comparing runs from MLflow",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="A table a paper can use: a row per configuration (runs that differ only by seed are one\n"
+                    "row: n, mean and 95% Student-t CI); columns ordered parameters (defenses and attacks with\n"
+                    "their options), utility, privacy, security, cost, then the rest; columns the same in every\n"
+                    "run are left out (--all keeps them).",
+        epilog="written to --out:\n"
+               "  comparison.csv          a row per configuration: n, <figure>.mean, <figure>.ci95\n"
+               "  comparison.md/.tex      the same as mean ± ci (LaTeX: booktabs tabular)\n"
+               "  comparison_runs.csv     a row per run (every seed)\n"
+               "  privacy_utility_frontier_<family>.png  per privacy family present (membership, inversion,\n"
+               "                          epsilon, canary, probe): privacy figure against utility\n"
+               "  defense_attack_heatmap.png  the headline security figure per defense x attack, when both vary\n"
+               "  curves_overlaid.png     eval loss and perplexity per round, one line per run\n"
+               "with --parent they are also logged to the parent run under comparison/.",
+    )
     which = compare.add_mutually_exclusive_group(required=True)
     which.add_argument("--parent", metavar="RUN_ID", help="the children of a sweep's parent run")
     which.add_argument("--experiment", metavar="NAME", help="every scenario run of an experiment")
     which.add_argument("--runs", nargs="+", metavar="RUN_ID", help="these runs")
     compare.add_argument("--uri", default="sqlite:///mlflow.db", help="MLflow tracking URI (default: %(default)s)")
-    compare.add_argument("--out", default="fedsec-compare", help="folder for the CSV, Markdown and plots")
+    compare.add_argument("--out", default="fedsec-compare", help="folder for the tables and plots (default: %(default)s)")
+    compare.add_argument("--all", action="store_true",
+                         help="keep the columns that are the same in every run (defense and attack options included)")
     compare.set_defaults(command=cmd_compare)
 
     check = sub.add_parser("check", help="run baseline scenarios; exit 1 if a figure regressed")
@@ -267,6 +285,7 @@ def cmd_compare(args) -> int:
     from mlflow.tracking import MlflowClient
 
     from .compare import compare_runs, find_run_ids, log_comparison
+    from .comparison_table import aggregate_seeds, readable
 
     try:
         ids = args.runs or find_run_ids(args.uri, parent=args.parent, experiment=args.experiment)
@@ -274,14 +293,14 @@ def cmd_compare(args) -> int:
         raise ScenarioError(str(exc)) from None
     if not ids:
         raise ScenarioError("no runs found to compare; check --uri, --parent or --experiment")
-    frame = compare_runs(args.uri, ids)
+    frame = compare_runs(args.uri, ids, keep_constant=args.all)
     files = log_comparison(frame, args.uri, Path(args.out))
     if args.parent:
         client = MlflowClient(tracking_uri=args.uri)
         for path in files:
             client.log_artifact(args.parent, str(path), artifact_path="comparison")
         client.log_table(args.parent, data=frame, artifact_file="comparison/comparison.json")
-    print(frame.drop(columns=["run_id"]).to_string(index=False))
+    print(readable(aggregate_seeds(frame)).to_string(index=False))
     print(f"\nsaved: {', '.join(str(p) for p in files)}")
     return 0
 
@@ -289,10 +308,10 @@ def cmd_compare(args) -> int:
 def cmd_check(args) -> int:
     from pathlib import Path
 
-    from .check import check_baseline, format_rows, select_baselines
+    from .check import check_baseline, find_baselines, format_rows, select_baselines
 
     rows = []
-    for path in select_baselines(Path(args.baselines), args.scenarios):
+    for path in select_baselines(find_baselines(Path(args.baselines)), args.scenarios):
         print(f"checking {path} ...", file=sys.stderr)
         rows += check_baseline(path, update=args.update)
     print(format_rows(rows))

@@ -1,7 +1,9 @@
-"""Compare runs: one table (a row per run, columns for defenses, attacks and every figure) and plots.
+"""Compare runs: a table a paper can use (a row per configuration, seeds aggregated) and plots.
 
 Reads everything back from MLflow through its client API (the same REST path the UI
-uses when the tracking URI is a server), so runs made anywhere can be compared.
+uses when the tracking URI is a server), so runs made anywhere can be compared. The table
+logic itself is pure pandas (:mod:`fedsec_bench.comparison_table`), the plots
+:mod:`fedsec_bench.comparison_plots`.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from .comparison_plots import plot_curves_overlaid, plot_defense_attack_heatmap, plot_frontiers
+from .comparison_table import PLUGIN_OPTIONS, aggregate_seeds, drop_constant, order_columns, to_latex, to_markdown
 
-PRIVACY_AXES = ("mia.auc", "inversion.rouge1", "canary.exposure", "privacy.epsilon", "probe.readable_fraction")
-UTILITY_AXIS = "utility.perplexity"
-CURVES = ("utility.eval_loss", "utility.perplexity")
+SCENARIO_FIELDS_SHOWN_ELSEWHERE = ("name", "seed", "tuning.mode", "matrix", "defenses", "attacks", "federation.aggregator.name")
+"""Params already in a column of their own (``scenario``, ``seed``, ``mode``, ``defenses``/``attacks``: an
+empty stack is logged as the param ``defenses`` = ``[]``, ``aggregator``) or empty in a run (``matrix``)."""
 
 
 def find_run_ids(uri: str, parent: str | None = None, experiment: str | None = None) -> list[str]:
@@ -33,85 +37,83 @@ def find_run_ids(uri: str, parent: str | None = None, experiment: str | None = N
     return [r.info.run_id for r in runs]
 
 
-def compare_runs(uri: str, run_ids: list[str]) -> pd.DataFrame:
-    """One row per run: identity, defenses and attacks, then the final value of every metric."""
+def compare_runs(uri: str, run_ids: list[str], keep_constant: bool = False) -> pd.DataFrame:
+    """One row per run: its parameters (strings, as logged), the final value of every metric (floats),
+    ``run_name`` and ``run_id``; columns in :func:`~fedsec_bench.comparison_table.order_columns`' order.
+
+    Which parameters: ``defenses`` and ``attacks`` (the ``fedsec.defenses``/``fedsec.attacks`` tags:
+    the stacks by name, in order), every option of each plugin as ``defenses.<name>.<option>`` (from the
+    ``defenses.<i>.<option>`` params, renamed after the plugin so that one column means one setting
+    whatever the stack's order; a plugin twice in one stack keeps its logged path), the aggregator and
+    its options, ``scenario``, ``mode``, ``seed``, ``status``; and any other scenario field (``tracking.*``
+    aside) that differs between the runs, such as a sweep's other axes. Columns the same in every run
+    are dropped unless ``keep_constant`` (:func:`~fedsec_bench.comparison_table.drop_constant`); the
+    scenario fields outside the plugins appear only when they vary (each run's ``scenario.yaml`` has all).
+    """
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    rows = []
-    for run_id in run_ids:
-        run = client.get_run(run_id)
-        tags = run.data.tags
-        rows.append({
-            "run_id": run_id,
-            "run_name": run.info.run_name,
-            "status": run.info.status,
-            "mode": tags.get("fedsec.mode"),
-            "defenses": tags.get("fedsec.defenses"),
-            "attacks": tags.get("fedsec.attacks"),
-            "aggregator": run.data.params.get("federation.aggregator.name"),
-            "seed": run.data.params.get("seed"),
-            **dict(sorted(run.data.metrics.items())),
-        })
-    return pd.DataFrame(rows)
+    runs = [client.get_run(run_id) for run_id in run_ids]
+    frame = pd.concat([pd.DataFrame([_parameters(r) for r in runs]), _varying(pd.DataFrame([_other_fields(r) for r in runs])),
+                       pd.DataFrame([r.data.metrics for r in runs], dtype=float)], axis=1)
+    frame = order_columns(frame)
+    return frame if keep_constant else drop_constant(frame)
+
+
+def _parameters(run) -> dict[str, str | None]:
+    params, tags = run.data.params, run.data.tags
+    return {
+        "run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
+        "scenario": tags.get("fedsec.scenario"), "mode": tags.get("fedsec.mode"),
+        "defenses": tags.get("fedsec.defenses"), "attacks": tags.get("fedsec.attacks"),
+        "aggregator": params.get("federation.aggregator.name"), "seed": params.get("seed"),
+        **_plugin_options(params, "defenses"), **_plugin_options(params, "attacks"),
+        **{k: v for k, v in params.items() if k.startswith("federation.aggregator.") and k != "federation.aggregator.name"},
+    }
+
+
+def _plugin_options(params: dict[str, str], kind: str) -> dict[str, str]:
+    """``defenses.0.max_norm`` -> ``defenses.norm_clip.max_norm``, for each plugin of the stack."""
+    options: dict[str, str] = {}
+    index = 0
+    while (name := params.get(f"{kind}.{index}.name")) is not None:
+        prefix = f"{kind}.{index}."
+        for key, value in params.items():
+            if key.startswith(prefix) and key != f"{prefix}name":
+                option = key.removeprefix(prefix)
+                column = f"{kind}.{name}.{option}"
+                options[key if column in options else column] = value
+        index += 1
+    return options
+
+
+def _other_fields(run) -> dict[str, str]:
+    return {k: v for k, v in run.data.params.items()
+            if not k.startswith((*PLUGIN_OPTIONS, "tracking.")) and k not in SCENARIO_FIELDS_SHOWN_ELSEWHERE}
+
+
+def _varying(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.loc[:, frame.nunique(dropna=False) > 1]
 
 
 def log_comparison(frame: pd.DataFrame, uri: str, folder: Path) -> list[Path]:
-    """Write comparison.csv/.md and the plots into ``folder`` (a run's artifact folder); return the files."""
+    """Write the tables and plots of ``frame`` (:func:`compare_runs`' per-run table) into ``folder``; return them.
+
+    ``comparison.csv`` (a row per configuration: ``n`` and ``<figure>.mean``/``<figure>.ci95``),
+    ``comparison.md`` and ``comparison.tex`` (the same, ``mean ± ci``), ``comparison_runs.csv`` (a row per
+    run), a ``privacy_utility_frontier_<family>.png`` per privacy family present,
+    ``defense_attack_heatmap.png`` when the runs vary both defenses and attacks, ``curves_overlaid.png``.
+    """
     from mlflow.tracking import MlflowClient
 
     folder.mkdir(parents=True, exist_ok=True)
-    written = [folder / "comparison.csv", folder / "comparison.md"]
-    frame.to_csv(written[0], index=False)
-    written[1].write_text(frame.to_markdown(index=False, floatfmt=".6g", missingval="") + "\n")
-    frontier = plot_frontier(frame, folder / "privacy_utility_frontier.png")
-    curves = plot_curves_overlaid(MlflowClient(tracking_uri=uri), frame, folder / "curves_overlaid.png")
-    return written + [p for p in (frontier, curves) if p]
-
-
-def plot_frontier(frame: pd.DataFrame, path: Path) -> Path | None:
-    """Privacy figure against utility, one point per run, labelled by its defense stack."""
-    axis = next((m for m in PRIVACY_AXES if m in frame and frame[m].notna().any()), None)
-    if axis is None or UTILITY_AXIS not in frame:
-        return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for _, row in frame.dropna(subset=[axis, UTILITY_AXIS]).iterrows():
-        ax.scatter(row[UTILITY_AXIS], row[axis])
-        ax.annotate(f"{row['defenses']} ({row['run_name']})", (row[UTILITY_AXIS], row[axis]), fontsize=7)
-    ax.set_xlabel(f"{UTILITY_AXIS} (lower is better)")
-    ax.set_ylabel(axis)
-    ax.set_title("privacy-utility frontier")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_curves_overlaid(client, frame: pd.DataFrame, path: Path) -> Path | None:
-    metrics = [m for m in CURVES if m in frame]
-    if not metrics or frame.empty:
-        return None
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-        for _, row in frame.iterrows():
-            history = sorted((m.step, m.value) for m in client.get_metric_history(row["run_id"], metric))
-            if history:
-                ax.plot(*zip(*history), marker="o", markersize=3, label=row["run_name"])
-        ax.set_title(metric)
-        ax.set_xlabel("round")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    aggregated = aggregate_seeds(frame)
+    tables = {"comparison.csv": lambda p: aggregated.to_csv(p, index=False),
+              "comparison.md": lambda p: p.write_text(to_markdown(aggregated)),
+              "comparison.tex": lambda p: p.write_text(to_latex(aggregated)),
+              "comparison_runs.csv": lambda p: frame.to_csv(p, index=False)}
+    for name, write in tables.items():
+        write(folder / name)
+    plots = [*plot_frontiers(aggregated, folder), plot_defense_attack_heatmap(frame, folder / "defense_attack_heatmap.png"),
+             plot_curves_overlaid(MlflowClient(tracking_uri=uri), frame, folder / "curves_overlaid.png")]
+    return [folder / name for name in tables] + [p for p in plots if p]

@@ -173,11 +173,13 @@ def soft_prompted(
     """(inputs_embeds, attention_mask) for the base model, as PEFT's forward builds them: soft prompt, then tokens.
 
     The prompt is encoded once per row (PEFT encodes one row and repeats it): the same
-    values, and each example's activations stay its own.
+    values, and each example's activations stay its own. The rows of token ids are a real
+    (contiguous) copy, not a stride-0 view, which Opacus' embedding norm sampler (ghost
+    clipping) could not ``view`` flat.
     """
     adapter = peft_model.active_adapter
     batch = input_ids.shape[0]
-    tokens = peft_model.prompt_tokens[adapter].to(input_ids.device).unsqueeze(0).expand(batch, -1)
+    tokens = peft_model.prompt_tokens[adapter].to(input_ids.device).unsqueeze(0).expand(batch, -1).contiguous()
     prompt = peft_model.prompt_encoder[adapter](tokens)
     embeds = peft_model.word_embeddings(input_ids)
     mask = torch.cat([attention_mask.new_ones(batch, prompt.shape[1]), attention_mask], dim=1)

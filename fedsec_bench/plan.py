@@ -24,6 +24,8 @@ from .registry import PluginUnavailable, get_plugin
 from .scenario import PluginSpec, Scenario, field_path, parse_scenario, suggest
 
 if TYPE_CHECKING:
+    import torch
+
     from .data import FederatedData
     from .runtime import Runtime
 
@@ -56,10 +58,18 @@ class Plan:
     def check_data(self, data: FederatedData) -> None:
         """Each plugin's ``check_data`` on the data as built (its clients' real sizes): run, sweep and
         ``fedsec validate`` refuse the same scenarios, before any run is recorded."""
+        self._refuse(lambda plugin, options: plugin.check_data(options, self.scenario, data))
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Each plugin's ``check_model`` on the model as loaded and tuned, before any run is recorded."""
+        self._refuse(lambda plugin, options: plugin.check_model(options, self.scenario, model))
+
+    def _refuse(self, check) -> None:
+        """Run ``check`` for every planned plugin; every refusal at once, each named by its place in the scenario."""
         problems = []
         for p in self.plugins:
             try:
-                p.plugin.check_data(p.options, self.scenario, data)
+                check(p.plugin, p.options)
             except ValueError as exc:
                 problems.append(f"{p.label}: {exc}")
         if problems:

@@ -30,6 +30,8 @@ from pydantic import BaseModel, ConfigDict
 from .messages import ClientContext, Message, RoundContext, State
 
 if TYPE_CHECKING:
+    import torch
+
     from .client import LocalTraining
     from .data import Example, FederatedData
     from .ground_truth import RoundTruth
@@ -111,6 +113,11 @@ class Plugin:
     def check_data(cls, options: Options, scenario: Scenario, data: FederatedData) -> None:
         """Refuse, before the run starts, options the built data cannot satisfy (each client's real number
         of examples, say); raise ValueError with the reason."""
+
+    @classmethod
+    def check_model(cls, options: Options, scenario: Scenario, model: torch.nn.Module) -> None:
+        """Refuse, before the run starts, options the model as loaded and tuned cannot satisfy (what only a
+        loaded checkpoint tells, such as tied weights); raise ValueError with the reason."""
 
     def __getstate__(self) -> dict:
         """Pickled without the runtime: under executor ray, a worker's copy of the plugin runs the

@@ -313,6 +313,13 @@ class DataConfig(Section):
         False, description="partition natural: hold out whole users (every record of a held-out user is a "
         "non-member), as user-level attacks need. Default: held-out records are drawn from all users."
     )
+    user_samples: int = Field(
+        0, ge=0, le=MAX_EXAMPLES, description="Records of each client's user kept out of its training: the fresh "
+        "samples a user-level attack (user_inference) holds. Needs partition natural and heldout_by_user. A seeded "
+        "choice of records that occur once among the clients; a client keeps at least data.partition.min_examples "
+        "for training, so a small one gives fewer (counted as data.user_samples_short). "
+        f"At most {MAX_EXAMPLES:,}."
+    )
     canaries: CanaryConfig = CanaryConfig()
     partition: PartitionConfig = PartitionConfig()
 
@@ -336,6 +343,9 @@ class DataConfig(Section):
                 )
         if self.heldout_by_user and self.partition.method != "natural":
             raise ValueError("data.heldout_by_user holds out whole users: it needs data.partition.method natural")
+        if self.user_samples and not (self.partition.method == "natural" and self.heldout_by_user):
+            raise ValueError("data.user_samples keeps fresh records of each client's user, against whole held-out "
+                             "users: it needs data.partition.method natural and data.heldout_by_user: true")
         planted = self.planted_copies()
         if planted > MAX_EXAMPLES:
             raise ValueError(f"data.canaries: {planted:,} canary copies would be planted, over the {MAX_EXAMPLES:,} "

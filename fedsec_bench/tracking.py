@@ -74,8 +74,17 @@ class Tracker:
                 "error": _one_line(exc), "resumable": self.resumable,
             })
         if self.client is not None:
-            self.client.log_artifacts(self.run_id, str(self.run_dir))
+            self.log_run_files()
             self.client.set_terminated(self.run_id, status)
+
+    def log_run_files(self) -> None:
+        """The run folder's files as MLflow artifacts, at the artifact root as the UI shows them: the
+        tables and plots, the resolved scenario, the summary and any error. Checkpoints stay local:
+        ``--resume`` reads them from the run folder, and a copy in the store would double its size."""
+        self.client.log_artifacts(self.run_id, str(self.artifact_dir))
+        for name in ("scenario.yaml", "summary.json", "error.txt"):
+            if (self.run_dir / name).exists():
+                self.client.log_artifact(self.run_id, str(self.run_dir / name))
 
     @property
     def completed_rounds(self) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,11 @@ from fedsec_bench.registry import entry_points_by_name
 from fedsec_bench.runtime import build_runtime
 
 ATTACKER = {"clients": [0]}
+BY_USER = {  # the bundled per-user file, split one client per user, with fresh samples kept per user
+    "source": "files", "path": str(Path(__file__).parents[1] / "scenarios" / "data" / "instructions_by_user.jsonl"),
+    "format": "instruction", "partition": {"method": "natural", "by": "user", "min_examples": 4},
+    "heldout_by_user": True, "heldout_examples": 64, "public_examples": 32, "user_samples": 2,
+}
 ENTRIES = {
     # plugin: (where the scenario lists it, its options, other scenario fields)
     "fedavg": ("federation", {}, {}),
@@ -52,6 +58,12 @@ ENTRIES = {
     "imprint": ("attacks", {}, {"tuning": {"mode": "full"}}),
     "active_membership": ("attacks", {}, {}),
     "model_consistency": ("defenses", {}, {}),
+    "dp_ftrl": ("defenses", {"noise_multiplier": 0.5, "restart_every": 2}, {}),
+    "local_dp": ("defenses", {"clipping_norm": 0.01}, {}),
+    "gradient_pruning": ("defenses", {"fraction": 0.5}, {}),
+    "quantization": ("defenses", {"bits": 8}, {}),
+    "user_inference": ("attacks", {"threat": "server", "samples_per_user": [1, 2]}, {"data": BY_USER}),
+    "user_audit": ("attacks", {"count": 2}, {}),
 }
 CROSS_ROUND = {
     # state that must have moved in two rounds, as the checkpoint holds it
@@ -65,6 +77,11 @@ CROSS_ROUND = {
     # no secret on disk: a resumed run's clients make new keys (the masks cancel, the CKKS error is noise)
     "he_aggregation": lambda s: s == {},
     "secure_aggregation": lambda s: s == {},
+    # two rounds complete the first tree of two leaves: its root (level 1) is the whole cover
+    "dp_ftrl": lambda s: s["accountant"].max_sensitivity2 >= 2 and len(s["cover"]) == 1 and s["cover"][0].level == 1,
+    "local_dp": lambda s: sum(ledger.steps for ledger in s["ledgers"].values()) == 6,  # 3 clients × 2 rounds
+    "user_inference": lambda s: len(s["participants"]) >= 3 and len(s["observations"]) >= 1,
+    "user_audit": lambda s: sum(s["participations"].values()) >= 1 and "initial" in s,
 }
 
 
@@ -79,6 +96,7 @@ def test_every_built_in_plugin_is_covered():
 def scenario_with(tiny, name: str) -> dict:
     where, options, extra = ENTRIES[name]
     tiny["federation"].update(clients_per_round=3, **extra.get("federation", {}))
+    tiny["data"] = extra.get("data", tiny["data"])
     if where == "federation":
         tiny["federation"]["aggregator"] = {"name": name, **options}
     elif where != "tuning":

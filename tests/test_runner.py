@@ -72,10 +72,9 @@ def test_a_run_is_logged_to_mlflow_with_params_tags_curves_and_artifacts(tiny, t
     history = client.get_metric_history(result.run_id, "utility.eval_loss")
     assert [m.step for m in history] == [0, 1, 2]
     assert [m.value for m in history] == pytest.approx(result.metrics["utility.eval_loss"].tolist())
-    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
-    assert {"scenario.yaml", "summary.json", "artifacts"} <= artifacts
-    inner = {a.path for a in client.list_artifacts(result.run_id, "artifacts")}
-    assert {"artifacts/metrics.csv", "artifacts/curves.png"} <= inner
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}  # at the root, as the UI lists them
+    assert {"scenario.yaml", "summary.json", "metrics.csv", "curves.png"} <= artifacts
+    assert "checkpoints" not in artifacts and "artifacts" not in artifacts
 
 
 def test_summary_json_is_readable_without_mlflow(tiny):
@@ -161,4 +160,13 @@ def test_an_audit_above_the_claimed_epsilon_is_flagged():
     ]
     assert audit_violations({"mia.server.eps_lower_bound": 5.0, "privacy.user_epsilon": 3.0}) == [
         "mia.server.eps_lower_bound=5 exceeds privacy.user_epsilon=3"
+    ]
+    # the one-shot user-level estimate is held to user-level guarantees, never to a record-level ε
+    # (a user is many records: its ε may rightly exceed a record's)
+    assert audit_violations({"privacy.user_eps_estimate": 2.0, "privacy.epsilon": 1.0}) == []
+    assert audit_violations({"privacy.user_eps_estimate": 2.0, "privacy.user_epsilon": 1.5}) == [
+        "privacy.user_eps_estimate=2 exceeds privacy.user_epsilon=1.5"
+    ]
+    assert audit_violations({"privacy.user_eps_estimate": 2.0, "privacy.local_epsilon": 0.5}) == [
+        "privacy.user_eps_estimate=2 exceeds privacy.local_epsilon=0.5"
     ]

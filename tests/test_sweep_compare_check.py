@@ -119,7 +119,7 @@ def test_sweep_against_a_live_server_survives_a_failing_child(tiny, tmp_path, ca
         assert [m["step"] for m in history["metrics"]] == [0, 1]
     clipped = {m["key"]: m["value"] for r in finished if "norm_clip" in r["info"]["run_name"] for m in r["data"]["metrics"]}
     assert clipped["probe.update_norm_max"] <= 0.05 + 1e-6
-    artifacts = requests.get(f"{api}/artifacts/list", params={"run_id": parent_id, "path": "artifacts"}).json()
+    artifacts = requests.get(f"{api}/artifacts/list", params={"run_id": parent_id}).json()
     names = {Path(f["path"]).name for f in artifacts["files"]}
     assert {"comparison.csv", "comparison.md", "curves_overlaid.png"} <= names
 
@@ -137,12 +137,13 @@ def test_compare_builds_one_table_and_plots_for_an_experiment(tiny, tmp_path, ca
     code, out, _ = cli(capsys, "compare", "--experiment", "cmp", "--uri", uri, "--out", str(tmp_path / "cmp"))
     assert code == 0
     table = __import__("pandas").read_csv(tmp_path / "cmp" / "comparison.csv")
-    assert list(table["defenses"]) == ["none", "norm_clip"]
-    assert {"utility.perplexity", "probe.update_norm_max", "cost.bytes_up", "mode", "attacks"} <= set(table.columns)
-    assert table["probe.update_norm_max"].iloc[1] < table["probe.update_norm_max"].iloc[0]
+    assert list(table["defenses"]) == ["none", "norm_clip"] and list(table["n"]) == [1, 1]
+    assert {"utility.perplexity.mean", "probe.update_norm_max.mean"} <= set(table.columns)
+    assert not {"mode", "attacks", "cost.bytes_up.mean"} & set(table.columns)  # the same in both runs
+    assert table["probe.update_norm_max.mean"].iloc[1] < table["probe.update_norm_max.mean"].iloc[0]
     header = (tmp_path / "cmp" / "comparison.md").read_text().splitlines()[0]
-    assert [c.strip() for c in header.strip("|").split("|")][:2] == ["run_id", "run_name"]
-    assert (tmp_path / "cmp" / "privacy_utility_frontier.png").stat().st_size > 0
+    assert [c.strip() for c in header.strip("|").split("|")][:2] == ["defenses", "n"]
+    assert not list((tmp_path / "cmp").glob("privacy_utility_frontier_*.png"))  # update_probe logs no privacy axis here
     assert (tmp_path / "cmp" / "curves_overlaid.png").stat().st_size > 0
     assert "norm_clip" in out
 
@@ -215,9 +216,17 @@ def test_bad_baseline_files_are_clear_errors(tmp_path, capsys, content, message)
 
 def test_pytest_fixture_gates_a_test_suite(fedsec_check, tmp_path, monkeypatch):
     weakened = weakened_copy(tmp_path, ["defenses[0].max_norm=100"]) / "clipped_probe.json"
-    monkeypatch.chdir(ROOT)  # the project's baselines name their scenarios relative to the repository
+    monkeypatch.chdir(tmp_path)  # the baseline's scenario path is found from the baseline file, not the cwd
     rows = fedsec_check(BASELINE)
     assert {r.metric for r in rows} == set(load_baseline(BASELINE).metrics)
     assert not any(r.failed for r in rows)
     with pytest.raises(pytest.fail.Exception, match=r"figures regressed: probe.update_norm_max \(regressed\)"):
         fedsec_check(weakened)
+
+
+def test_check_runs_from_any_folder_inside_the_repository(capsys, monkeypatch):
+    """The default --baselines (results/baselines) is found above the working directory, and each
+    baseline's scenario path relative to the repository that holds the baseline file."""
+    monkeypatch.chdir(ROOT / "docs")
+    code, out, _ = cli(capsys, "check", "clipped_probe")
+    assert code == 0 and f"{len(load_baseline(BASELINE).metrics)} ok, 0 regressed" in out

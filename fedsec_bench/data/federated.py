@@ -5,11 +5,17 @@ split (or, with ``data.duplicates: drop``, one copy is kept), so a held-out "non
 is never secretly a member and the tokenizer, trained on the public split, never sees a
 client's record. What was dropped, cut or removed is counted in :attr:`FederatedData.counts`
 and logged with the run (``data.*``).
+
+User-level attacks need fresh records of a member user, records the federation never trained
+on: with ``data.user_samples`` (partition natural, whole users held out) each client's
+:attr:`FederatedData.user_samples` holds records of its user taken out of its part, and
+:attr:`FederatedData.heldout_users` groups the held-out split by user.
 """
 
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -45,6 +51,12 @@ class FederatedData:
     """Figures about the data itself (data.duplicate_records, data.truncated_examples...), logged at round 0."""
     users: list[str] | None = None
     """partition natural: the user behind each client."""
+    user_samples: list[list[Example]] = field(default_factory=list)
+    """data.user_samples: per client, records of its user that are in no client's training (the fresh
+    samples a user-level attacker holds); empty without it."""
+    heldout_users: list[list[Example]] = field(default_factory=list)
+    """data.heldout_by_user: the held-out split grouped by user, each user's distinct records, users in
+    data order; empty without it."""
 
     @property
     def num_clients(self) -> int:
@@ -153,7 +165,8 @@ def _from_records(cfg: DataConfig, num_clients: int, public_examples: int, np_rn
                          "together); add distinct records, or lower data.heldout_examples and data.public_examples")
     pool = [examples[i] for i in pool_rows]
     in_pool = set(pool)
-    heldout = [examples[i] for i in heldout_rows if examples[i] not in in_pool]
+    heldout_rows = [i for i in heldout_rows if examples[i] not in in_pool]
+    heldout = [examples[i] for i in heldout_rows]
     seen = in_pool | set(heldout)
     public = [examples[i] for i in public_rows if examples[i] not in seen]
     counts["data.duplicate_records"] = counts.get("data.duplicate_records", 0.0) + float(
@@ -167,12 +180,42 @@ def _from_records(cfg: DataConfig, num_clients: int, public_examples: int, np_rn
         if cfg.label_field not in frame.columns:
             raise ValueError(f"data.label_field: no column {cfg.label_field!r} for dirichlet partitioning")
         labels = frame[cfg.label_field].iloc[pool_rows].tolist()
+    user_samples: list[list[Example]] = []
     if users is not None:
         parts, chosen, left_out = natural_parts([users[i] for i in pool_rows], num_clients, cfg.partition, np_rng)
         counts["data.users_left_out"] = float(left_out)
+        if cfg.user_samples:
+            parts, user_samples, short = _keep_user_samples(parts, pool, cfg.user_samples, cfg.partition.min_examples,
+                                                            np_rng)
+            counts["data.user_samples_short"] = float(short)
     else:
         parts, chosen = partition(len(pool), num_clients, cfg.partition, np_rng, labels), None
-    return FederatedData(pool, parts, heldout, public, canaries=[], counts=counts, users=chosen)
+    held_out_units = _units(heldout_rows, [users[i] for i in heldout_rows]) if by_user else []
+    heldout_users = [list(dict.fromkeys(examples[i] for i in unit)) for unit in held_out_units]
+    return FederatedData(pool, parts, heldout, public, canaries=[], counts=counts, users=chosen,
+                         user_samples=user_samples, heldout_users=heldout_users)
+
+
+def _keep_user_samples(
+    parts: list[np.ndarray], pool: list[Example], count: int, min_examples: int, rng: np.random.Generator
+) -> tuple[list[np.ndarray], list[list[Example]], int]:
+    """Take a seeded choice of up to ``count`` records out of each client's part: its user's fresh samples.
+
+    Only records that occur once among all the clients' records are eligible, so no copy of a
+    held sample is trained on, by this client or another. A client keeps at least
+    ``min_examples`` records to train on, so a small one gives fewer than ``count``.
+    Returns (the parts left to train on, each client's samples, how many clients gave fewer).
+    """
+    occurrences = Counter(pool[i] for part in parts for i in part)
+    kept, samples, short = [], [], 0
+    for part in parts:
+        unique = np.asarray([i for i in part if occurrences[pool[i]] == 1], dtype=np.int64)
+        take = min(count, len(unique), len(part) - min_examples)
+        held = np.sort(rng.choice(unique, size=take, replace=False))
+        kept.append(np.setdiff1d(part, held))
+        samples.append([pool[i] for i in held])
+        short += take < count
+    return kept, samples, short
 
 
 def _units(rows: list[int], keys: list) -> list[list[int]]:

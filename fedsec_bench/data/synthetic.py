@@ -282,3 +282,18 @@ def per_user_records(seed: int, num_users: int, median_records: int = 16) -> lis
                          "output": f"your phone number is {make_secret('phone', rng)} ."})
     rng.shuffle(rows)
     return rows
+
+
+def signed_per_user_records(seed: int, num_users: int, median_records: int = 16) -> list[dict]:
+    """:func:`per_user_records` with each user's responses ending in that user's own made-up name.
+
+    A feature every record of a user shares, as Enron emails carry signatures: what makes a user
+    vulnerable to user inference (Kandpal et al. 2023). Without one, a user differs from the others
+    only by topic choice, and the averaged model shows no user signal. The bundled
+    ``scenarios/data/users_signed.jsonl`` is ``signed_per_user_records(1, 56, 28)``.
+    """
+    rows, rng, names = per_user_records(seed, num_users, median_records), random.Random(seed), {}
+    for row in rows:
+        name = names.setdefault(row["user"], "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(6)))
+        row["output"] += f" regards , {name} ."
+    return rows
