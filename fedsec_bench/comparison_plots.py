@@ -15,7 +15,7 @@ UTILITY_AXES = (("utility.perplexity", "lower"), ("utility.token_accuracy", "hig
 FRONTIERS = {
     "membership": (("mia.auc", "user_mia.auc"), "membership-inference AUC (0.5 = chance; lower is better)"),
     "inversion": (("inversion.rouge1",), "inversion ROUGE-1 (lower is better)"),
-    "epsilon": (("privacy.epsilon", "privacy.user_epsilon"), "ε (lower is better)"),
+    "epsilon": (("privacy.epsilon", "privacy.user_epsilon", "privacy.local_epsilon"), "ε (lower is better)"),
     "canary": (("canary.exposure",), "canary exposure, bits (lower is better)"),
     "probe": (("probe.readable_fraction",), "readable fraction of probed updates (lower is better)"),
 }
