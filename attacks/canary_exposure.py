@@ -33,6 +33,7 @@ import pandas as pd
 from pydantic import Field
 from scipy import stats
 
+from fedsec_bench import progress
 from fedsec_bench.data import Canary, Example
 from fedsec_bench.lm import greedy_continuations
 from fedsec_bench.plugins import Options, Plugin
@@ -127,7 +128,11 @@ class CanaryExposure(Plugin):
 
     def training_end(self, runtime) -> dict[str, float]:
         canaries = runtime.data.canaries
-        rows = [self.measure(canary) for canary in canaries]
+        with progress.bar(len(canaries), "canary exposure", unit="canary") as bar:
+            rows = []
+            for canary in canaries:
+                rows.append(self.measure(canary))
+                bar.update()
         if self.options.extraction:
             whole = [i for i, row in enumerate(rows) if row["method"] != "truncated"]
             for i, hit in zip(whole, greedy_extractions(runtime, [canaries[i] for i in whole])):

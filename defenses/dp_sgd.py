@@ -70,6 +70,7 @@ the server and the evaluation see the plain model.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Literal
@@ -155,6 +156,11 @@ def federation_delta(options: DPSGDOptions, data) -> float:
     """δ: the option, else 1 / (2 · training examples of the whole federation)."""
     return options.delta or 1.0 / (2 * sum(data.num_examples(c) for c in range(data.num_clients)))
 
+
+INPUTS_WITHOUT_GRAD = "Full backward hook is firing when gradients are computed with respect to module outputs"
+"""torch's warning when Opacus' hooks meet a layer whose input needs no gradient: the first trainable
+layer sees token ids or a frozen model's activations, every step. Expected and harmless (the hook only
+needs the layer's output gradient), and printed once per round it would break the progress bar."""
 
 TIED_GHOST_REFUSAL = (
     "clipping: ghost cannot clip {model}'s tied input/output embedding in tuning.mode full (Opacus' ghost "
@@ -275,7 +281,9 @@ class PrivateTraining(LocalTraining):
             loss = criterion(example_logits(self.model, batch, self.tuning_mode), batch["labels"])
         else:
             loss = per_example_losses(self.model, batch, self.tuning_mode).mean()
-        loss.backward()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=INPUTS_WITHOUT_GRAD, category=UserWarning)
+            loss.backward()
         return loss.item()
 
     def empty_batch(self, params: list[torch.nn.Parameter]) -> None:

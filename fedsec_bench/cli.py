@@ -202,8 +202,9 @@ def cmd_validate(args) -> int:
 def cmd_run(args) -> int:
     from tqdm import tqdm
 
-    from .reporting import summary_table
+    from . import progress
     from .plan import load_plan
+    from .reporting import summary_table
     from .runner import run
 
     source = resolve_scenario_path(args.scenario)
@@ -217,7 +218,8 @@ def cmd_run(args) -> int:
         bar.update(1)
 
     try:
-        result = run(plan, on_round=on_round, resume=args.resume)
+        with progress.shown(not args.quiet):
+            result = run(plan, on_round=on_round, resume=args.resume)
     finally:
         bar.close()
     if not args.quiet:
@@ -265,13 +267,19 @@ def cmd_sweep(args) -> int:
     at_once = args.jobs or (1 if args.executor == "processes" else "as many as Ray's CPUs allow")
     print(f"{base.name}: running {len(children)} combinations on {args.executor}, {at_once} at once", file=sys.stderr)
 
+    ended: list[str] = []
+
     def on_child(outcome) -> None:
-        print(f"  {outcome.status:<8} {outcome.label}" + (f"  ({outcome.error})" if outcome.error else ""),
+        ended.append(outcome.status)
+        tally = f"[{len(ended)}/{len(children)} done, {ended.count('FAILED')} failed]"
+        print(f"  {tally} {outcome.status:<8} {outcome.label}" + (f"  ({outcome.error})" if outcome.error else ""),
               file=sys.stderr)
 
     parent, outcomes, frame = run_sweep(path, args.overrides, args.jobs, on_child, args.executor)
     if frame is not None:
-        print(frame.drop(columns=["run_id"]).to_string(index=False))
+        from .comparison_table import aggregate_seeds, readable
+
+        print(readable(aggregate_seeds(frame)).to_string(index=False))
     failed = [o.label for o in outcomes if o.status == "FAILED"]
     print(f"\n{len(outcomes) - len(failed)} finished, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else ""))
     if parent:
@@ -343,9 +351,13 @@ def cmd_list(args) -> int:
         for item in unavailable:
             print(f"  {item.name:<24} {item.unavailable.reason}")
             print(f"  {'':<24} {item.unavailable.fix}")
+    from .scenario import header_comment
+
     print("scenarios:")
     for name, path in sorted(bundled_scenarios().items()):
         print(f"  {name:<24} {path}")
+        if header := header_comment(Path(path).read_text(encoding="utf-8")):
+            print(f"  {'':<24} {header.splitlines()[0]}")
     return 0
 
 

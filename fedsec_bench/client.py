@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import islice
 
@@ -24,6 +25,8 @@ class LocalTraining:
     device: torch.device
     accumulation: int = 1
     """Batches whose gradients are summed into each optimizer step (federation.grad_accumulation)."""
+    on_step: Callable[[], None] | None = None
+    """Called after each optimizer step (pretraining's progress bar)."""
 
     def run(self) -> float:
         """Take ``steps`` optimizer steps of ``accumulation`` batches each, cycling over the loader; return
@@ -44,6 +47,8 @@ class LocalTraining:
                 total += loss.detach()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.on_step:
+                self.on_step()
         return (total / (self.steps * self.accumulation)).item()
 
 

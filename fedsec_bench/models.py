@@ -139,6 +139,8 @@ def make_model(config: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: in
                                 "ids would index past the embeddings; raise it, or leave it unset")
         model = _build(config, config.vocab or len(tokenizer), tokenizer.eos_token_id).to(DTYPES[config.dtype])
     model.config.pad_token_id = tokenizer.pad_token_id
+    if model.loss_type is None:  # a class named *LMHeadModel (GPT-2): name what transformers falls back to,
+        model.loss_type = "ForCausalLM"  # so that it does not warn "loss_type=None ... unrecognized" on first use
     prepare_for_training(model, config)
     return model
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from . import progress
 from .client import LocalTraining
 from .data import Example
 from .data.batching import Batcher
@@ -25,4 +26,5 @@ def pretrain(model: torch.nn.Module, tokenizer, examples: list[Example], scenari
     batcher = Batcher(tokenizer, scenario.data.seq_len, config.batch_size, train_on_prompt=True)
     loader = batcher.loader(examples, seed=scenario.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
-    return LocalTraining(model, optimizer, loader, config.steps, device).run()
+    with progress.bar(config.steps, "pretraining", unit="step") as bar:
+        return LocalTraining(model, optimizer, loader, config.steps, device, on_step=bar.update).run()

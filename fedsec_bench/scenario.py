@@ -473,11 +473,19 @@ class EvalConfig(Section):
                                 f"{MAX_TOKENS:,}.")
 
 
+MAX_DESCRIPTION = 5000
+"""Characters of a run's description: MLflow 2's limit on a tag's value."""
+
+
 class TrackingConfig(Section):
     enabled: bool = Field(True, description="Log to MLflow; the local run folder is written either way.")
     uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI.")
     experiment: str = Field("fedsec", description="MLflow experiment name.")
     run_name: str | None = Field(None, description="Defaults to the scenario name.")
+    description: str | None = Field(
+        None, max_length=MAX_DESCRIPTION, description="The MLflow run's description (its note). Defaults to the "
+        f"scenario file's header comment; at most {MAX_DESCRIPTION:,} characters.",
+    )
     output_dir: str = Field("fedsec-runs", description="Local folder for each run's artifacts and summary.json.")
     checkpoint_every: int = Field(
         1, ge=0, description="Write a resumable checkpoint every k rounds (and after the last); 0: never. "
@@ -634,7 +642,21 @@ def read_yaml(path: str | Path) -> dict:
     if not isinstance(raw, dict):
         raise ScenarioError(f"{path}: a scenario is a mapping of sections (name, model, ...), got {type(raw).__name__}")
     _anchor_data_paths(raw, path.parent)
+    if header := header_comment(text):
+        tracking = raw.setdefault("tracking", {})
+        if isinstance(tracking, dict):  # anything else is refused by the schema, naming the field
+            tracking.setdefault("description", header[:MAX_DESCRIPTION])
     return raw
+
+
+def header_comment(text: str) -> str:
+    """The comment lines a scenario file starts with, without their ``#``: what it shows and how to read it."""
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line[1:].removeprefix(" "))
+    return "\n".join(lines).strip()
 
 
 def _anchor_data_paths(raw: dict, folder: Path) -> None:

@@ -58,11 +58,12 @@ def expand(raw: dict, overrides: list[str] | None = None) -> tuple[Scenario, lis
         raise ScenarioError(f"matrix: {sizes} = {count:,} combinations, over the {MAX_COMBINATIONS:,} one sweep may "
                             "run; give fewer alternatives, or split it into several sweeps")
     keys = {path: field_keys(path, f"matrix.{path}") for path in matrix}
+    names = {path: alternative_labels(options) for path, options in matrix.items()}
     children, problems = [], []
-    for combo in itertools.product(*matrix.values()):
+    for combo in itertools.product(*(range(len(options)) for options in matrix.values())):
         child_raw = json.loads(json.dumps(raw))
-        choice = dict(zip(matrix, combo))
-        label = excerpt(" ".join(f"{path}={_short(value)}" for path, value in choice.items()), MAX_LABEL)
+        choice = {path: matrix[path][i] for path, i in zip(matrix, combo)}
+        label = excerpt(" ".join(f"{path}={names[path][i]}" for path, i in zip(matrix, combo)), MAX_LABEL)
         try:
             for path, value in choice.items():
                 set_field(child_raw, keys[path], json.loads(json.dumps(value)), f"matrix.{path}")
@@ -75,13 +76,30 @@ def expand(raw: dict, overrides: list[str] | None = None) -> tuple[Scenario, lis
     return base, children
 
 
-def _short(value) -> str:
-    """A readable label for one alternative: plugin lists show their names."""
-    if isinstance(value, list) and all(isinstance(v, dict) and isinstance(v.get("name"), str) for v in value):
-        return "+".join(excerpt(v["name"], 40) for v in value) or "none"
-    if isinstance(value, dict) and isinstance(value.get("name"), str):
-        return excerpt(value["name"], 40)
+def alternative_labels(options: list) -> list[str]:
+    """A readable label per alternative of one matrix axis: plugins by name, with the options they were
+    given only where the names alone would label two alternatives alike (``dp_fedavg(noise_multiplier=2)``)."""
+    short = [_short(value, with_options=False) for value in options]
+    if len(set(short)) == len(short):
+        return short
+    return [_short(value, with_options=True) for value in options]
+
+
+def _short(value, with_options: bool) -> str:
+    if isinstance(value, list) and all(_is_plugin(v) for v in value):
+        return "+".join(_plugin_label(v, with_options) for v in value) or "none"
+    if _is_plugin(value):
+        return _plugin_label(value, with_options)
     return excerpt(json.dumps(value) if isinstance(value, (list, dict)) else str(value), 60)
+
+
+def _is_plugin(value) -> bool:
+    return isinstance(value, dict) and isinstance(value.get("name"), str)
+
+
+def _plugin_label(spec: dict, with_options: bool) -> str:
+    options = ",".join(f"{k}={_short(v, with_options)}" for k, v in spec.items() if k != "name")
+    return excerpt(spec["name"], 40) + (f"({options})" if with_options and options else "")
 
 
 def run_sweep(path: str | Path, overrides: list[str] | None, jobs: int | None, on_child=None, executor: str = "processes"):

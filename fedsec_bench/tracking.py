@@ -98,6 +98,8 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=self.config.uri)
         experiment_id = store.get_or_create_experiment(self.client, self.config.experiment, self.config.uri)
         tags = run_tags(self.scenario) | liveness.run_process_tags() | {"fedsec.kind": self.kind}
+        if self.config.description:
+            tags["mlflow.note.content"] = self.config.description  # the UI's run description
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id  # MLflow's own nesting: the UI folds children under it
         run = self.client.create_run(experiment_id, run_name=self.config.run_name or self.scenario.name, tags=tags)

@@ -9,6 +9,8 @@ float32 and a defense's noise or clipping is not rounded to 16 bits.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from peft import LoraConfig, PromptTuningConfig, TaskType, get_peft_model
 from transformers import PreTrainedModel
@@ -37,7 +39,9 @@ def apply_tuning(model: PreTrainedModel, tuning: TuningConfig) -> torch.nn.Modul
         config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=tuning.prompt.num_virtual_tokens)
     # autocast_adapter_dtype (the default) keeps LoRA adapters and the soft prompt float32 on a 16-bit base
     try:
-        peft_model = get_peft_model(model, config)
+        with warnings.catch_warnings():  # PEFT still calls the name transformers deprecated: nothing for a user to do
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            peft_model = get_peft_model(model, config)
     except ValueError as exc:  # PEFT: target modules not found, or no default ones for this architecture
         if tuning.mode != "lora":
             raise

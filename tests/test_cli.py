@@ -42,6 +42,18 @@ def test_run_shows_progress_and_a_summary_and_logs_to_mlflow(fedsec, tiny, tmp_p
     assert (tmp_path / "mlflow.db").is_file()
 
 
+def test_run_shows_pretraining_progress_and_the_python_api_does_not(fedsec, tiny, tmp_path, capsys):
+    tiny["model"]["pretrain"] = {"steps": 3}
+    tiny["tracking"] = {"enabled": False, "output_dir": "runs"}
+    out = fedsec("run", str(write(tmp_path, tiny)), "--set", "federation.rounds=1", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "pretraining:" in out.stderr and "/3 [" in out.stderr  # a bar of the 3 pretraining steps
+    import fedsec_bench
+
+    fedsec_bench.run(tiny)
+    assert "pretraining" not in capsys.readouterr().err
+
+
 def test_quiet_run_prints_nothing_on_success(fedsec, tiny, tmp_path):
     out = fedsec("run", str(write(tmp_path, tiny)), "--quiet", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -77,6 +89,7 @@ def test_list_shows_plugins_and_bundled_scenarios(fedsec, tmp_path):
     assert out.returncode == 0
     for word in ("attacks:", "update_probe", "defenses:", "norm_clip", "aggregators:", "fedavg", "quickstart"):
         assert word in out.stdout
+    assert "The first scenario to run" in out.stdout  # each scenario with the first line of its header comment
 
 
 def test_installed_console_script_runs_a_bundled_scenario_by_name(tmp_path):

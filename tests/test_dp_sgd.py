@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -195,6 +196,17 @@ def test_ghost_clipping_of_a_loaded_tied_checkpoint_is_refused_before_the_run_is
         assert "defenses[0]" in (err := capsys.readouterr().err) and "dp_sgd.clipping to flat or per_layer" in err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("summary.json"))
     assert not (tmp_path / "mlflow.db").exists()  # nothing recorded, not even an experiment
+
+
+@pytest.mark.parametrize("clipping", ["flat", "ghost"])
+def test_a_private_step_prints_no_backward_hook_warning(tiny, tmp_path, clipping):
+    """torch warns, every step, that Opacus' hooks meet a first layer whose input needs no gradient: expected,
+    so silenced where it happens (a warning per round would break the progress bar, in the API and workers too)."""
+    rt = tiny_runtime(tiny, tmp_path, "gpt2", "lora")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        private_training(rt, steps=2, sample_rate=0.5, clipping=clipping).run()
+    assert not [w for w in caught if "backward hook" in str(w.message)]
 
 
 @pytest.mark.parametrize("clipping", CLIPPINGS)

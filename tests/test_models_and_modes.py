@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -21,6 +23,19 @@ def build(raw, *overrides):
     data = build_federated_data(scenario)
     tokenizer = make_tokenizer(scenario.model, data.public_texts())
     return scenario, tokenizer, make_model(scenario.model, tokenizer, scenario.seed)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_building_and_tuning_a_model_raises_no_known_library_warning(tiny, arch):
+    """transformers warns "loss_type=None ... unrecognized" on a GPT-2's first loss unless the causal-LM loss is
+    named, and PEFT triggers a FutureWarning of transformers': neither is the user's to act on, in the CLI, the
+    Python API or a worker alike."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scenario, _, model = build(tiny, f"model.arch={arch}")
+        apply_tuning(model, scenario.tuning)
+    assert model.loss_type == "ForCausalLM"
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
 
 
 @pytest.mark.parametrize("arch", ARCHS)

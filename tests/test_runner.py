@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 import fedsec_bench
@@ -75,6 +76,18 @@ def test_a_run_is_logged_to_mlflow_with_params_tags_curves_and_artifacts(tiny, t
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}  # at the root, as the UI lists them
     assert {"scenario.yaml", "summary.json", "metrics.csv", "curves.png"} <= artifacts
     assert "checkpoints" not in artifacts and "artifacts" not in artifacts
+
+
+def test_the_scenario_files_header_comment_is_the_runs_description_in_mlflow(tiny, tmp_path):
+    with_tracking(tiny, tmp_path)
+    path = tmp_path / "described.yaml"
+    path.write_text("# What this run shows.\n#   and how to read it\n" + yaml.safe_dump(tiny))
+    result = fedsec_bench.run(path)
+    run = MlflowClient(tracking_uri=tiny["tracking"]["uri"]).get_run(result.run_id)
+    assert run.data.tags["mlflow.note.content"] == "What this run shows.\n  and how to read it"
+    tiny["tracking"]["description"] = "given"  # the field, when set, wins over the comment
+    path.write_text("# What this run shows.\n" + yaml.safe_dump(tiny))
+    assert fedsec_bench.load_scenario(path).tracking.description == "given"
 
 
 def test_summary_json_is_readable_without_mlflow(tiny):

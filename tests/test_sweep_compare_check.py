@@ -42,6 +42,14 @@ def test_matrix_expands_to_every_combination_with_readable_labels(tiny):
     assert children[1].plan.scenario.tracking.run_name == "tiny [seed=0 defenses=norm_clip]"
 
 
+def test_alternatives_that_differ_only_in_options_are_labelled_by_them(tiny):
+    tiny["matrix"] = {"defenses": [[{"name": "norm_clip", "max_norm": 0.5}], [{"name": "norm_clip", "max_norm": 5.0}], []]}
+    _, children = expand(tiny)
+    assert [c.label for c in children] == ["defenses=norm_clip(max_norm=0.5)", "defenses=norm_clip(max_norm=5.0)",
+                                           "defenses=none"]
+    assert len({c.plan.scenario.tracking.run_name for c in children}) == 3
+
+
 def test_a_bad_alternative_is_refused_before_anything_runs(tiny):
     tiny["matrix"] = {"federation.rounds": [2, 0]}
     with pytest.raises(fedsec_bench.ScenarioError) as info:
@@ -102,6 +110,7 @@ def test_sweep_against_a_live_server_survives_a_failing_child(tiny, tmp_path, ca
     code, out, err = cli(capsys, "sweep", str(path), "--jobs", "2")
     assert code == 1  # a child failed: the sweep says so, and the others still ran
     assert "2 finished, 2 failed: attacks=crash defenses=none, attacks=crash defenses=norm_clip" in out
+    assert "[4/4 done, 2 failed]" in err  # each child's end is counted as it comes
 
     # read everything back over the REST API the MLflow UI uses
     api = f"{mlflow_server}/api/2.0/mlflow"

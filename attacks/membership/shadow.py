@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from fedsec_bench import progress
 from fedsec_bench.client import LocalTraining, local_steps, make_optimizer
 from fedsec_bench.data import Example
 from fedsec_bench.messages import State
@@ -103,10 +104,12 @@ def shadow_statistics(
     """
     keep = balanced_halves(num_shadows, len(targets), rng)
     mean, total = np.empty((num_shadows, len(scored))), np.empty((num_shadows, len(scored)))
-    for j in range(num_shadows):
-        half = [targets[i] for i in np.flatnonzero(keep[j])]
-        state = train_like_target(runtime, initial, half, int(rng.integers(2**31)))
-        with using_state(runtime, state):
-            logprobs = token_logprobs(runtime, scored)
-        mean[j], total[j] = mean_logprob(logprobs), total_logprob(logprobs)
+    with progress.bar(num_shadows, "membership: shadow models", unit="model") as bar:
+        for j in range(num_shadows):
+            half = [targets[i] for i in np.flatnonzero(keep[j])]
+            state = train_like_target(runtime, initial, half, int(rng.integers(2**31)))
+            with using_state(runtime, state):
+                logprobs = token_logprobs(runtime, scored)
+            mean[j], total[j] = mean_logprob(logprobs), total_logprob(logprobs)
+            bar.update()
     return mean, total, keep
