@@ -46,11 +46,11 @@ from pydantic import Field, model_validator
 
 from fedsec_bench.ground_truth import RoundTruth
 from fedsec_bench.messages import ClientContext, Message, RoundContext, State
-from fedsec_bench.plugins import Options, Plugin
+from fedsec_bench.plugins import Options
 from fedsec_bench.updates import add_gaussian_noise, zeros_like
 
 from .accounting import Ledger
-from .user_level import clip_update, clipped_fraction, clipped_sum, equal_weights, over_expected_clients, user_delta
+from .user_level import UserLevelDP, clip_update, clipped_fraction, clipped_sum, over_expected_clients, user_delta
 
 UNCLIPPED = "dp_fedavg.unclipped"
 """b_k = 1[‖Δ_k‖ ≤ S]: sent with adaptive clipping, and recorded for the clipped-fraction figure."""
@@ -84,14 +84,10 @@ class DPFedAvgOptions(Options):
         return self
 
 
-class DPFedAvg(Plugin):
+class DPFedAvg(UserLevelDP):
     name = "dp_fedavg"
-    kind = "defense"
     summary = "user-level DP-FedAvg: clip each update, Gaussian noise on the sum, fixed denominator (McMahan et al. 2018)"
-    on_instruction_data = "acts on the update only (the privacy unit is a client, all its pairs); the same on every data format"
     OptionsModel = DPFedAvgOptions
-    needs_mean_aggregate = True  # post_aggregation turns the mean of equal weights back into the sum
-    needs_model_from_aggregate_only = True
 
     def __init__(self, options: DPFedAvgOptions, runtime):
         super().__init__(options, runtime)
@@ -136,9 +132,6 @@ class DPFedAvg(Plugin):
             std = self.update_noise * self.clip_norm / math.sqrt(self.min_clients)
             clipped = add_gaussian_noise(clipped, std, torch.Generator().manual_seed(client.seed))
         return clipped
-
-    def transport(self, client: ClientContext, message: Message) -> Message:
-        return equal_weights(message)
 
     # --- server side --------------------------------------------------------------
     def server_observation(self, round: RoundContext, messages: list[Message]) -> None:

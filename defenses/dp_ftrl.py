@@ -72,11 +72,11 @@ import torch
 from pydantic import Field
 
 from fedsec_bench.ground_truth import RoundTruth
-from fedsec_bench.messages import ClientContext, Message, RoundContext, State
-from fedsec_bench.plugins import Options, Plugin
+from fedsec_bench.messages import ClientContext, RoundContext, State
+from fedsec_bench.plugins import Options
 from fedsec_bench.updates import gaussian_noise
 
-from .user_level import clip_update, clipped_fraction, clipped_sum, equal_weights, over_expected_clients, user_delta
+from .user_level import UserLevelDP, clip_update, clipped_fraction, clipped_sum, over_expected_clients, user_delta
 
 UNCLIPPED = "dp_ftrl.unclipped"
 """1[‖Δ_k‖ ≤ S], recorded on the client for the clipped-fraction figure (never sent)."""
@@ -223,14 +223,10 @@ def schedule_accountant(schedule: list[list[int]], restart_every: int | None = N
     return accountant
 
 
-class DPFTRL(Plugin):
+class DPFTRL(UserLevelDP):
     name = "dp_ftrl"
-    kind = "defense"
     summary = "user-level DP-FTRL: clipped updates, tree-aggregated noise on prefix sums, no sampling (Kairouz et al. 2021)"
-    on_instruction_data = "acts on the update only (the privacy unit is a client, all its pairs); the same on every data format"
     OptionsModel = DPFTRLOptions
-    needs_mean_aggregate = True  # post_aggregation turns the mean of equal weights back into the sum
-    needs_model_from_aggregate_only = True
 
     def __init__(self, options: DPFTRLOptions, runtime):
         super().__init__(options, runtime)
@@ -253,9 +249,6 @@ class DPFTRL(Plugin):
     # --- client side --------------------------------------------------------------
     def client_update(self, client: ClientContext, update: State) -> State:
         return clip_update(client, update, self.options.clip_norm, UNCLIPPED)
-
-    def transport(self, client: ClientContext, message: Message) -> Message:
-        return equal_weights(message)
 
     # --- server side --------------------------------------------------------------
     def post_aggregation(self, round: RoundContext, aggregate: State) -> State:

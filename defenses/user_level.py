@@ -12,7 +12,7 @@ they account for it. The shared part:
 3. so FedAvg's example-weighted mean is the plain mean of the n delivered updates, and the
    server gets the clipped sum back as mean · n (:func:`clipped_sum`). This relies on the
    aggregation computing the weighted mean of ``Message.num_examples`` and on seeing the
-   plain update: each plugin declares ``needs_mean_aggregate`` and
+   plain update: :class:`UserLevelDP` declares ``needs_mean_aggregate`` and
    ``needs_model_from_aggregate_only``, and the plan refuses another rule or a hiding
    transport listed before it;
 4. the noisy sum is divided by n̄, the fixed expected number of participants
@@ -28,7 +28,21 @@ from __future__ import annotations
 
 from fedsec_bench.ground_truth import RoundTruth
 from fedsec_bench.messages import ClientContext, Message, RoundContext, State
+from fedsec_bench.plugins import Plugin
 from fedsec_bench.updates import clip_to_norm
+
+
+class UserLevelDP(Plugin):
+    """Base of a user-level DP mechanism on FedAvg: equal-weight messages, and the declarations the plan
+    checks that step 3 relies on (FedAvg's mean, computed from the plain updates)."""
+
+    kind = "defense"
+    on_instruction_data = "acts on the update only (the privacy unit is a client, all its pairs); the same on every data format"
+    needs_mean_aggregate = True  # post_aggregation turns the mean of equal weights back into the sum
+    needs_model_from_aggregate_only = True
+
+    def transport(self, client: ClientContext, message: Message) -> Message:
+        return equal_weights(message)
 
 
 def clip_update(client: ClientContext, update: State, clip_norm: float, unclipped_key: str) -> State:
