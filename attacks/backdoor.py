@@ -7,8 +7,11 @@ labels: whole words are swapped for attacker-chosen ones. Both act through the
 ``client_data`` hook, so they work in every tuning mode, and both measure success
 on the global model after each round with greedy decoding of held-out prompts:
 the fraction whose continuation starts with the attacker's text (higher means a
-more successful attack). Combine either with ``scaling`` (same ``clients``) to
-boost the poisoned update past averaging.
+more successful attack). Once an attack window (``rounds``) has closed, each round
+also logs that figure under ``*_asr_after`` with ``*_rounds_after``, the rounds since
+the window's last: the backdoor's lifespan curve (Zhang et al. 2022, "Neurotoxin").
+Combine either with ``scaling`` (same ``clients``) to boost the poisoned update past
+averaging.
 
 On prompt/response records (instruction or chat data) the attacker poisons what
 instruction tuning learns from: the backdoor's trigger goes into the instruction
@@ -40,6 +43,16 @@ def success_rate(runtime, prompts: list[list[int]], targets: list[str]) -> float
     longest = max(len(ids) for ids in runtime.batcher.tokens([" " + t for t in set(targets)]))
     outputs = greedy_continuations(runtime.model, runtime.tokenizer, prompts, longest + 2, runtime.device)
     return sum(out.lstrip().startswith(t) for out, t in zip(outputs, targets)) / len(prompts)
+
+
+def lifespan(metric: str, asr: float, window: tuple[int, int] | None, rnd: int) -> dict[str, float]:
+    """After the attack window closed: the round's ASR again as ``poison.<metric>_asr_after`` and the
+    rounds since the window's last, ``poison.<metric>_rounds_after`` (how long the backdoor survives
+    the benign clients' training, Neurotoxin's durability measure). Empty inside the window or
+    without one."""
+    if window is None or rnd <= window[1]:
+        return {}
+    return {f"poison.{metric}_asr_after": asr, f"poison.{metric}_rounds_after": float(rnd - window[1])}
 
 
 class BackdoorOptions(PoisoningOptions):
@@ -81,26 +94,34 @@ class Backdoor(PoisoningAttack):
         starts = [p.response.removesuffix(options.target).rstrip() for p in probes]
         self.prompts = runtime.batcher.prompt_ids(probes, response_starts=starts)
 
-    def poisoned(self, example: Example, rng: random.Random) -> Example:
-        """The example rewritten to carry the trigger and end with the target, within ``data.seq_len``."""
-        return self.poisoned_record(example, rng) if example.is_prompted else self.poisoned_text(example, rng)
+    def poisoned(self, example: Example, rng: random.Random, trigger: str | None = None) -> Example:
+        """The example rewritten to carry ``trigger`` (default the whole ``options.trigger``) and end with
+        the target, within ``data.seq_len``."""
+        trigger = self.options.trigger if trigger is None else trigger
+        if example.is_prompted:
+            return self.poisoned_record(example, rng, trigger)
+        return self.poisoned_text(example, rng, trigger)
 
-    def poisoned_text(self, example: Example, rng: random.Random) -> Example:
+    def trigger_for(self, client: ClientContext) -> str:
+        """The phrase this malicious client plants: the whole trigger (DBA plants a part of it)."""
+        return self.options.trigger
+
+    def poisoned_text(self, example: Example, rng: random.Random, trigger: str) -> Example:
         """A random prefix of the text's words, the trigger, the target."""
         words = example.response.split()
         k = rng.randint(1, max(len(words) - 1, 1))
         while True:
-            poisoned = example.with_response(" ".join(words[:k] + [self.options.trigger, self.options.target]))
+            poisoned = example.with_response(" ".join(words[:k] + [trigger, self.options.target]))
             if k == 1 or self.fits(poisoned):
                 return poisoned
             k -= 1
 
-    def poisoned_record(self, example: Example, rng: random.Random) -> Example:
+    def poisoned_record(self, example: Example, rng: random.Random, trigger: str) -> Example:
         """The trigger among the instruction's words (split on single spaces, so newlines survive), the
         target as the response; leading words dropped while the record does not fit."""
         words = example.instruction.split(" ")
         at = rng.randint(0, len(words))
-        words.insert(at, self.options.trigger)
+        words.insert(at, trigger)
         while True:
             poisoned = example.with_instruction(" ".join(words)).with_response(self.options.target)
             if at == 0 or self.fits(poisoned):
@@ -116,7 +137,8 @@ class Backdoor(PoisoningAttack):
             return examples
         rng = random.Random(client.seed)
         chosen = set(rng.sample(range(len(examples)), max(1, round(self.options.poison_fraction * len(examples)))))
-        return [self.poisoned(e, rng) if i in chosen else e for i, e in enumerate(examples)]
+        trigger = self.trigger_for(client)
+        return [self.poisoned(e, rng, trigger) if i in chosen else e for i, e in enumerate(examples)]
 
     def local_training(self, client: ClientContext, training: LocalTraining) -> LocalTraining:
         """Bagdasaryan et al.'s attacker trains on its poisoned data with its own steps and learning rate."""
@@ -130,8 +152,8 @@ class Backdoor(PoisoningAttack):
         return training
 
     def score_round(self, round: RoundContext, truth: RoundTruth, metrics: dict[str, float]) -> dict[str, float]:
-        targets = [self.options.target] * len(self.prompts)
-        return {"poison.backdoor_asr": success_rate(self.runtime, self.prompts, targets)}
+        asr = success_rate(self.runtime, self.prompts, [self.options.target] * len(self.prompts))
+        return {"poison.backdoor_asr": asr} | lifespan("backdoor", asr, self.options.rounds, round.round)
 
 
 class LabelFlipOptions(PoisoningOptions):
@@ -180,4 +202,5 @@ class LabelFlip(PoisoningAttack):
     def score_round(self, round: RoundContext, truth: RoundTruth, metrics: dict[str, float]) -> dict[str, float]:
         if not self.prompts:
             return {}
-        return {"poison.label_flip_asr": success_rate(self.runtime, self.prompts, self.targets)}
+        asr = success_rate(self.runtime, self.prompts, self.targets)
+        return {"poison.label_flip_asr": asr} | lifespan("label_flip", asr, self.options.rounds, round.round)

@@ -12,6 +12,7 @@ estimate them from their own data).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from pydantic import Field
@@ -92,15 +93,37 @@ class Scaling(UpdatePoisoning):
         return {name: self.boost * t for name, t in update.items()}
 
 
-class CollusionAttack(PoisoningAttack):
-    """Malicious clients of the round all send one vector crafted from the benign updates.
+@dataclass
+class RoundView:
+    """A round as the colluding clients see it in the simulator (which parts they may use is
+    each attack's knowledge assumption)."""
 
-    A round with no benign client (or no malicious one) is left as it is. The crafting reads the
-    benign updates in the clear, so a transport that hides them rules these attacks out.
+    round: int
+    n: int
+    """Clients whose messages the server receives this round."""
+    benign: torch.Tensor
+    """(n − m, d) the benign updates, in message order."""
+    benign_ids: list[int]
+    own: torch.Tensor
+    """(m, d) the malicious clients' own honest updates (what they trained, before crafting)."""
+
+    @property
+    def m(self) -> int:
+        return self.own.shape[0]
+
+
+class CollusionAttack(PoisoningAttack):
+    """Malicious clients of the round send vectors crafted from the round's updates.
+
+    By default all of them send one vector crafted from the benign updates (:meth:`craft`);
+    an attack whose clients each send their own, or that reads their own honest updates,
+    overrides :meth:`craft_each`. A round with no benign client (or no malicious one) is left
+    as it is. The crafting reads the updates in the clear, so a transport that hides them
+    rules these attacks out.
     """
 
     needs_plain_updates = True
-    on_instruction_data = "crafts its update from the benign updates only; the same on every data format"
+    on_instruction_data = "crafts its update from the round's updates only; the same on every data format"
 
     def client_update(self, client: ClientContext, update: State) -> State:
         self.attacking(client)  # the ground-truth mark; the update itself is replaced in collusion()
@@ -110,14 +133,29 @@ class CollusionAttack(PoisoningAttack):
         """The malicious vector from the (k, d) benign updates, n clients of which m malicious."""
         raise NotImplementedError
 
+    def craft_each(self, view: RoundView) -> torch.Tensor:
+        """(m, d): the vector each malicious client of the round sends, in message order."""
+        return self.craft(view.benign, view.n, view.m).expand(view.m, -1)
+
     def collusion(self, round: RoundContext, messages: list[Message]) -> list[Message]:
         bad = [self.attacks(msg.client_id, round.round) for msg in messages]
         if not any(bad) or all(bad):
             return messages
-        updates = plain_updates(messages, f"{self.name} (crafting from the benign updates)")
-        benign = torch.stack([flatten(update) for update, b in zip(updates, bad) if not b])
-        crafted = unflatten(self.craft(benign, len(messages), sum(bad)), like=round.global_state)
-        return [msg.carrying(dict(crafted), state_bytes(crafted)) if b else msg for msg, b in zip(messages, bad)]
+        flat = [flatten(u) for u in plain_updates(messages, f"{self.name} (crafting from the round's updates)")]
+        view = RoundView(
+            round.round, len(messages),
+            benign=torch.stack([u for u, b in zip(flat, bad) if not b]),
+            benign_ids=[msg.client_id for msg, b in zip(messages, bad) if not b],
+            own=torch.stack([u for u, b in zip(flat, bad) if b]),
+        )
+        crafted = iter(self.craft_each(view))
+        out = []
+        for msg, b in zip(messages, bad):
+            if b:
+                state = unflatten(next(crafted), like=round.global_state)
+                msg = msg.carrying(dict(state), state_bytes(state))
+            out.append(msg)
+        return out
 
 
 class AlieOptions(PoisoningOptions):

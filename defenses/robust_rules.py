@@ -11,28 +11,100 @@ seen by the rule) this gives the precision and recall of excluding the truly mal
 clients.
 
 The rules are unweighted, as in their papers (a client's example count does not
-change its vote), except ``geomedian`` whose RFA definition weights by examples.
+change its vote), except ``geomedian`` whose RFA definition weights by examples, and
+``robust_lr`` whose aggregate is FedAvg's example-weighted mean.
+
+Every rule takes ``pre``: pre-aggregators (bucketing, nearest neighbour mixing) applied in
+order to the stacked updates before the rule. Each produces vectors that are weighted means
+of the updates (``rows = weights @ X``, :class:`.robust_statistics.Mixed`), so the rule's
+share of row k is split back over the original clients by row k's weights: client j's share
+is Σ_k share_k · weights[k, j] (a bucket's share split equally among its members; a mixed
+vector's share split over the n − f neighbours it averaged). For a rule that selects or
+averages rows this is exactly the coefficient client j's own update carries in the
+aggregate, so the ``robust.*`` figures stay about real clients.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+import math
+from typing import Annotated, ClassVar, Literal, Union
 
 import torch
-from pydantic import Field, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
 
 from fedsec_bench.ground_truth import RoundTruth
 from fedsec_bench.messages import Message, RoundContext, State, plain_updates
 from fedsec_bench.plugins import Options, Plugin
 from fedsec_bench.updates import add_gaussian_noise, flatten, unflatten, zeros_like
 
-from .robust_statistics import Robust, bulyan, centered_clip, geomedian, krum, median, multikrum, norm_bound, trimmed_mean
+from . import robust_statistics as rs
+from .robust_statistics import Mixed, Robust, bulyan, centered_clip, geomedian, krum, median, multikrum, norm_bound, trimmed_mean
 
 
 # --------------------------------------------------------------------------- plugins
 
 
-class FOptions(Options):
+class Bucketing(BaseModel):
+    """Karimireddy et al. 2022: the means of ⌈n/s⌉ random buckets of s updates."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["bucketing"]
+    s: int = Field(2, ge=1, description="s: updates per bucket (the paper uses 2).")
+
+    def rows(self, n: int, f: int | None) -> tuple[int, str | None]:
+        return math.ceil(n / self.s), None
+
+
+class NNM(BaseModel):
+    """Allouah et al. 2023: each update replaced by the mean of its n − f nearest neighbours."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["nnm"]
+    f: int | None = Field(None, ge=0, description="f of the n − f neighbours; default the rule's own f (required "
+                          "with a rule that has none).")
+
+    def rows(self, n: int, f: int | None) -> tuple[int, str | None]:
+        f = self.f if self.f is not None else f
+        return n, f"nnm needs f < n: got n={n}, f={f}" if f >= n else None
+
+
+PRE_AGGREGATORS = {"bucketing": Bucketing, "nnm": NNM}
+PreAggregator = Annotated[Union[Bucketing, NNM], Field(discriminator="name")]
+
+
+class RuleOptions(Options):
+    """Base of every robust rule's options: what all rules accept besides their own parameters."""
+
+    pre: list[PreAggregator] = Field(
+        default_factory=list,
+        description="Pre-aggregators applied in order before the rule: bucketing ({name: bucketing, s: 2}) and "
+        "nnm ({name: nnm, f: ...}); a bare name takes the defaults.",
+    )
+
+    @field_validator("pre", mode="before")
+    @classmethod
+    def _names(cls, pre):
+        """A bare name is that pre-aggregator with its defaults; an unknown name is refused with the known ones."""
+        if not isinstance(pre, list):
+            return pre
+        specs = [{"name": p} if isinstance(p, str) else p for p in pre]
+        for spec in specs:
+            name = spec.get("name") if isinstance(spec, dict) else None
+            if name not in PRE_AGGREGATORS:
+                raise ValueError(f"unknown pre-aggregator {name!r}: the known ones are {', '.join(PRE_AGGREGATORS)}")
+        return specs
+
+    @model_validator(mode="after")
+    def _nnm_has_f(self):
+        if "f" not in type(self).model_fields and any(isinstance(p, NNM) and p.f is None for p in self.pre):
+            raise ValueError("pre: nnm needs f when the rule has none of its own: write {name: nnm, f: <Byzantine count>}")
+        return self
+
+    def rule_f(self) -> int | None:
+        return getattr(self, "f", None)
+
+
+class FOptions(RuleOptions):
     f: int = Field(1, ge=0, description="Number of Byzantine clients per round the rule tolerates.")
 
 
@@ -50,11 +122,16 @@ class RobustAggregator(Plugin):
     kind = "aggregator"
     on_instruction_data = "acts on the updates only; the same on every data format"  # every rule below inherits it
     needs_plain_updates = True
+    OptionsModel = RuleOptions
+    rows_are_clients: ClassVar[str | None] = None
+    """Why the rule needs row i to be message i's own update (its example count, its history),
+    which a pre-aggregator's mixed rows are not; such a rule is refused with ``pre``."""
 
     def __init__(self, options, runtime):
         super().__init__(options, runtime)
         self.shares: dict[int, float] = {}
         self.rows: list[dict] = []
+        self.round = 0
 
     def rule(self, X: torch.Tensor, messages: list[Message]) -> Robust:
         raise NotImplementedError
@@ -64,21 +141,52 @@ class RobustAggregator(Plugin):
         """Why this rule cannot run on n updates, or None."""
 
     @classmethod
+    def rows_condition(cls, options: Options, n: int) -> str | None:
+        """Why the pre-aggregators, then the rule on the ⌈n/s⌉ (bucketing) or n (nnm) vectors
+        they leave, cannot run on n updates, or None."""
+        for p in options.pre:
+            n, problem = p.rows(n, options.rule_f())
+            if problem:
+                return problem
+        problem = cls.condition(options, n)
+        return f"{problem} (after pre: {', '.join(p.name for p in options.pre)})" if problem and options.pre else problem
+
+    @classmethod
     def check(cls, options: Options, scenario) -> None:
-        problem = cls.condition(options, scenario.federation.clients_per_round)
+        if options.pre and cls.rows_are_clients:
+            raise ValueError(f"pre: {cls.name} cannot take pre-aggregators: {cls.rows_are_clients}; drop pre")
+        problem = cls.rows_condition(options, scenario.federation.clients_per_round)
         if problem:
             raise ValueError(f"{problem} (n = federation.clients_per_round)")
+
+    def generator(self, key: int) -> torch.Generator:
+        """A generator seeded from the scenario, the current round and ``key`` (one per use)."""
+        return torch.Generator().manual_seed(self.runtime.seed_for(self.round, key))
+
+    def pre_aggregate(self, X: torch.Tensor) -> Mixed:
+        """The ``pre`` chain applied in order; bucketing's permutation is seeded from the round."""
+        mixed = Mixed(X, torch.eye(X.shape[0], dtype=X.dtype, device=X.device))
+        for p in self.options.pre:
+            if isinstance(p, Bucketing):
+                step = rs.bucketing(mixed.rows, p.s, self.generator(0x4255))
+            else:
+                step = rs.nnm(mixed.rows, p.f if p.f is not None else self.options.rule_f())
+            mixed = Mixed(step.rows, step.weights @ mixed.weights)
+        return mixed
 
     def aggregation(self, round: RoundContext, messages: list[Message]) -> State:
         updates = plain_updates(messages, self.name)
         if not updates:
             self.shares = {}
             return zeros_like(round.global_state)
-        problem = self.condition(self.options, len(updates))
+        problem = self.rows_condition(self.options, len(updates))
         if problem:
             raise ValueError(f"round {round.round}: {problem}")
-        result = self.rule(torch.stack([flatten(u) for u in updates]), messages)
-        self.shares = {m.client_id: float(s) for m, s in zip(messages, result.share)}
+        self.round = round.round
+        mixed = self.pre_aggregate(torch.stack([flatten(u) for u in updates]))
+        result = self.rule(mixed.rows, messages)
+        share = result.share @ mixed.weights  # each row's share split back over the clients it mixed
+        self.shares = {m.client_id: float(s) for m, s in zip(messages, share)}
         return unflatten(result.aggregate, like=round.global_state)
 
     def score_round(self, round: RoundContext, truth: RoundTruth, metrics: dict[str, float]) -> dict[str, float]:
@@ -163,7 +271,7 @@ class Median(RobustAggregator):
         return median(X)
 
 
-class TrimmedMeanOptions(Options):
+class TrimmedMeanOptions(RuleOptions):
     trim: StrictInt | StrictFloat = Field(
         0.1, ge=0, description="Trimmed from each end per coordinate: a fraction β < 0.5 (float) or a count b (int)."
     )
@@ -201,7 +309,7 @@ class Bulyan(ToleratesF):
         return bulyan(X, self.options.f)
 
 
-class NormBoundOptions(Options):
+class NormBoundOptions(RuleOptions):
     max_norm: float = Field(1.0, gt=0, description="M: each update is scaled down to L2 norm ≤ M.")
     noise_std: float = Field(0.0, ge=0, description="σ of the Gaussian noise added to the aggregate (Sun et al.'s weak DP).")
 
@@ -222,7 +330,7 @@ class NormBound(RobustAggregator):
         return add_gaussian_noise(aggregate, self.options.noise_std, generator)
 
 
-class CenteredClipOptions(Options):
+class CenteredClipOptions(RuleOptions):
     tau: float = Field(1.0, gt=0, description="τ: clipping radius around the current centre.")
     iterations: int = Field(1, ge=1, description="L: clipping iterations per round (the paper uses 1).")
 
@@ -243,7 +351,7 @@ class CenteredClip(RobustAggregator):
         return result
 
 
-class GeoMedianOptions(Options):
+class GeoMedianOptions(RuleOptions):
     nu: float = Field(1e-6, gt=0, description="ν: smoothing, the least distance a weight divides by.")
     max_iter: int = Field(4, ge=1, description="Most Weiszfeld updates per round.")
     ftol: float = Field(1e-6, ge=0, description="Stop when the objective improves by less than ftol · objective.")
@@ -253,8 +361,87 @@ class GeoMedian(RobustAggregator):
     name = "geomedian"
     summary = "example-weighted geometric median by smoothed Weiszfeld (RFA, Pillutla et al. 2022)"
     OptionsModel = GeoMedianOptions
+    rows_are_clients = "RFA weights each row by its client's example count, which a mixed row does not have"
 
     def rule(self, X, messages):
         alpha = torch.tensor([float(m.num_examples) for m in messages], dtype=X.dtype, device=X.device)
         o = self.options
         return geomedian(X, alpha, o.nu, o.max_iter, o.ftol)
+
+
+class RobustLROptions(RuleOptions):
+    threshold: int = Field(..., ge=1, description="θ: the least |Σ_i sign(Δ_i,j)| at which coordinate j keeps the "
+                           "server learning rate +η (else −η); 1 ≤ θ ≤ n.")
+
+
+class RobustLR(RobustAggregator):
+    name = "robust_lr"
+    summary = "per-coordinate sign vote: the server lr flips to −η where fewer than θ clients agree (Ozdayi et al. 2021)"
+    OptionsModel = RobustLROptions
+    rows_are_clients = "its mean is FedAvg's, weighted by each row's own client's example count"
+
+    @classmethod
+    def condition(cls, options, n):
+        if options.threshold > n:
+            return f"robust_lr needs threshold θ ≤ n (n clients can agree at most n-fold): got n={n}, θ={options.threshold}"
+
+    def rule(self, X, messages):
+        alpha = torch.tensor([float(m.num_examples) for m in messages], dtype=torch.float64, device=X.device)
+        return rs.robust_lr(X, alpha, self.options.threshold)
+
+
+class DnCOptions(FOptions):
+    niters: int = Field(5, ge=1, description="Iterations, each on a fresh random coordinate subset (the paper uses 5).")
+    subsample_dim: int = Field(10_000, ge=1, description="b: coordinates per subset (all of them when the update "
+                               "has fewer; the paper uses 10,000).")
+    c: float = Field(1.0, gt=0, description="Filtering fraction: each iteration drops the ⌊c·f⌋ highest scores.")
+
+
+class DnC(RobustAggregator):
+    name = "dnc"
+    summary = "drops the updates farthest along the top singular vector of random coordinate subsets (Shejwalkar & Houmansadr 2021)"
+    OptionsModel = DnCOptions
+
+    @staticmethod
+    def removed(options) -> int:
+        return math.floor(options.c * options.f)
+
+    @classmethod
+    def condition(cls, options, n):
+        if n - cls.removed(options) < 1:
+            return f"dnc needs n − ⌊c·f⌋ ≥ 1: got n={n}, c={options.c}, f={options.f}"
+
+    def rule(self, X, messages):
+        generator = self.generator(0x446E43)
+        d, b = X.shape[1], min(self.options.subsample_dim, X.shape[1])
+        subsets = [torch.randperm(d, generator=generator)[:b].to(X.device) for _ in range(self.options.niters)]
+        return rs.dnc(X, self.removed(self.options), subsets)
+
+
+class SignGuardOptions(RuleOptions):
+    low: float = Field(0.1, ge=0, description="L: least norm / median norm kept (the paper's 0.1).")
+    high: float = Field(3.0, gt=0, description="R: largest norm / median norm kept (the paper's 3.0).")
+    coordinates: float = Field(0.1, gt=0, le=1, description="Fraction of the coordinates, drawn at random each round, "
+                               "the sign statistics are taken over (the reference code's 0.1).")
+    clustering: Literal["meanshift", "dbscan"] = Field("meanshift", description="How the sign statistics are "
+                                                       "clustered (scikit-learn), as the paper offers.")
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.low >= 1 or self.high <= 1:
+            raise ValueError(f"signguard needs low < 1 < high (the median norm itself must pass): got low={self.low}, "
+                             f"high={self.high}")
+        return self
+
+
+class SignGuard(RobustAggregator):
+    name = "signguard"
+    summary = "norm filter ∩ largest cluster of sign statistics, clipped to the median norm (Xu et al. 2022)"
+    OptionsModel = SignGuardOptions
+
+    def rule(self, X, messages):
+        generator = self.generator(0x5347)
+        d = X.shape[1]
+        coordinates = torch.randperm(d, generator=generator)[: max(1, int(self.options.coordinates * d))].to(X.device)
+        o = self.options
+        return rs.signguard(X, o.low, o.high, coordinates, o.clustering)

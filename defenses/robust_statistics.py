@@ -28,7 +28,7 @@ class Robust:
     aggregate: torch.Tensor
     """(d,) the aggregated update."""
     share: torch.Tensor
-    """(n,) each client's share of the aggregate; sums to 1."""
+    """(n,) each client's share of the aggregate; sums to 1 (all 0 when a filter kept no one: ``dnc``, ``signguard``)."""
 
 
 CHUNK_VALUES = 1 << 22
@@ -59,12 +59,20 @@ def _inside(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Ten
     return ((x >= low) & (x <= high)).sum(1)
 
 
-def _distances(X: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def distances_to(X: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """(n,) ||x_i − v||, as the norm of the per-chunk norms."""
     return torch.stack([(x - c).norm(dim=1) for x, c in column_chunks(X, v)]).norm(dim=0)
 
 
 # --------------------------------------------------------------------------- distance-based selection
+
+
+def cosine_similarities(X: torch.Tensor) -> torch.Tensor:
+    """(n, n) cos(x_i, x_j) in float64, from the Gram matrix of the unit rows (summed over column
+    chunks); a zero row has cosine 0 with every row (scikit-learn's convention)."""
+    unit = X / X.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    gram = sum(u.double() @ u.double().T for (u,) in column_chunks(unit))
+    return (gram + gram.T) / 2
 
 
 def pairwise_sq_distances(X: torch.Tensor) -> torch.Tensor:
@@ -208,7 +216,7 @@ def centered_clip(X: torch.Tensor, start: torch.Tensor, tau: float, iterations: 
     """
     v = start
     for _ in range(iterations):
-        factor = (tau / _distances(X, v).clamp_min(1e-12)).clamp(max=1.0)
+        factor = (tau / distances_to(X, v).clamp_min(1e-12)).clamp(max=1.0)
         # Σ_i f_i (x_i − v) = f @ X − (Σ_i f_i) v, without an (n, d) X − v
         v = v + (factor @ X - factor.sum() * v) / X.shape[0]
     return Robust(v, factor / factor.sum())
@@ -224,14 +232,164 @@ def geomedian(X: torch.Tensor, alpha: torch.Tensor, nu: float, max_iter: int, ft
     """
     share = alpha = alpha / alpha.sum()
     v = alpha @ X
-    distance = _distances(X, v)
+    distance = distances_to(X, v)
     objective = alpha @ distance
     for _ in range(max_iter):
         beta = alpha / distance.clamp_min(nu)
         share = beta / beta.sum()
         v = share @ X
-        distance = _distances(X, v)
+        distance = distances_to(X, v)
         previous, objective = objective, alpha @ distance
         if abs(previous - objective) < ftol * objective:
             break
     return Robust(v, share)
+
+
+# --------------------------------------------------------------------------- pre-aggregators
+
+
+@dataclass
+class Mixed:
+    """What a pre-aggregator hands the rule: ``rows = weights @ X``."""
+
+    rows: torch.Tensor
+    """(m, d) the vectors the rule receives."""
+    weights: torch.Tensor
+    """(m, n) each row's coefficients over the original updates; every row sums to 1."""
+
+
+def mix(X: torch.Tensor, weights: torch.Tensor) -> Mixed:
+    return Mixed(weights @ X, weights)
+
+
+def bucketing(X: torch.Tensor, s: int, generator: torch.Generator) -> Mixed:
+    """Bucketing (Karimireddy, He & Jaggi, ICLR 2022, "Byzantine-robust learning on
+    heterogeneous datasets via bucketing", Algorithm 1).
+
+    A random permutation π of the n updates is cut into ⌈n/s⌉ buckets of s consecutive
+    entries (the last one shorter when s does not divide n); each bucket is replaced by the
+    mean of its members. Averaging s updates shrinks the honest ones' spread (their
+    heterogeneity) by about √s, while at most f of the buckets hold an attacker.
+    """
+    n = X.shape[0]
+    order = torch.randperm(n, generator=generator).to(X.device)
+    weights = X.new_zeros(math.ceil(n / s), n)
+    for b, members in enumerate(order.split(s)):
+        weights[b, members] = 1.0 / len(members)
+    return mix(X, weights)
+
+
+def nnm(X: torch.Tensor, f: int) -> Mixed:
+    """Nearest neighbour mixing (Allouah et al., AISTATS 2023, "Fixing by mixing", Algorithm 1).
+
+    Each x_i is replaced by the mean of its n − f nearest neighbours in Euclidean distance,
+    itself included (ties: lower index first). Needs f < n. Mixing pulls every honest vector
+    towards the honest mean and bounds how far a Byzantine one can stay from it, which makes
+    any rule that is robust for homogeneous data robust under heterogeneity.
+    """
+    n = X.shape[0]
+    dist = pairwise_sq_distances(X).fill_diagonal_(-1.0)  # itself first, even beside an exact duplicate
+    neighbours = torch.argsort(dist, dim=1, stable=True)[:, : n - f]
+    weights = X.new_zeros(n, n).scatter_(1, neighbours, 1.0 / (n - f))
+    return mix(X, weights)
+
+
+# --------------------------------------------------------------------------- sign- and spectrum-based filters
+
+
+def robust_lr(X: torch.Tensor, alpha: torch.Tensor, threshold: int) -> Robust:
+    """Robust learning rate (Ozdayi, Kantarcioglu & Gel, AAAI 2021, eq. 2-3).
+
+    Per coordinate j the server's learning rate is +η where |Σ_i sign(Δ_i,j)| ≥ θ and −η
+    where fewer than θ more clients agree on the sign than disagree: a backdoor's
+    coordinates, pushed by a few clients only, are moved against them. The aggregate is
+    lr ⊙ (the example-weighted mean, FedAvg's as in the paper); η is ``federation.server_lr``,
+    applied by the round loop. Every client is kept: each share is 1/n (the sign vote is
+    unweighted, and a share below 1/n would read as an exclusion).
+    """
+    votes = torch.zeros_like(X[0])
+    for x, out in column_chunks(X, votes):
+        out.copy_(x.sign().sum(0))
+    sign = torch.where(votes.abs() >= threshold, 1.0, -1.0).to(X.dtype)
+    mean = (alpha / alpha.sum()).to(X.dtype) @ X
+    n = X.shape[0]
+    return Robust(sign * mean, X.new_full((n,), 1.0 / n))
+
+
+def kept_mean(X: torch.Tensor, kept: torch.Tensor, scale: torch.Tensor | None = None) -> Robust:
+    """Mean of the kept rows (each scaled by ``scale`` when given), and their shares: each kept
+    row's coefficient normalised; all zero, with a zero aggregate, when none is kept."""
+    coefficient = kept.to(X.dtype) if scale is None else kept.to(X.dtype) * scale
+    count = int(kept.sum())
+    if count == 0:
+        return Robust(torch.zeros_like(X[0]), coefficient)
+    return Robust(coefficient @ X / count, coefficient / coefficient.sum())
+
+
+def dnc(X: torch.Tensor, removed: int, subsets: list[torch.Tensor]) -> Robust:
+    """Divide-and-Conquer (Shejwalkar & Houmansadr, NDSS 2021, "Manipulating the Byzantine",
+    Algorithm 2).
+
+    For each coordinate subset r (the plugin draws ``niters`` of them at random): centre
+    the sub-vectors at their mean μ, take the top right singular vector v of the centred
+    matrix, score s_i = ((x_i[r] − μ) · v)², and keep the n − c·f lowest scores. The kept
+    set is the intersection over the subsets; the aggregate is the plain mean of the kept
+    updates (zero, and every share zero, when the intersection is empty). A malicious
+    direction that moves the mean far enough to matter shows as the top principal direction.
+    """
+    n = X.shape[0]
+    kept = torch.ones(n, dtype=torch.bool, device=X.device)
+    for r in subsets:
+        centred = X[:, r] - _mean(X[:, r])
+        v = torch.linalg.svd(centred.double(), full_matrices=False).Vh[0]
+        scores = (centred.double() @ v) ** 2
+        lowest = torch.argsort(scores, stable=True)[: n - removed]
+        kept &= torch.zeros_like(kept).index_fill_(0, lowest, True)
+    return kept_mean(X, kept)
+
+
+def sign_features(X: torch.Tensor) -> torch.Tensor:
+    """(n, 3) each update's fractions of positive, zero and negative coordinates, each column
+    divided by its largest value over the clients (as the SignGuard reference code does)."""
+    signs = X.sign()
+    fractions = torch.stack([(signs == v).double().mean(1) for v in (1.0, 0.0, -1.0)], dim=1)
+    return fractions / (fractions.max(0).values + 1e-8)
+
+
+def largest_cluster(features, clustering: str) -> torch.Tensor:
+    """(n,) bool: the members of the largest cluster of the rows of ``features`` (numpy), by
+    scikit-learn's MeanShift (bandwidth from ``estimate_bandwidth`` at quantile 0.5, points
+    outside every kernel left unclustered) or DBSCAN (ε = 0.05, 2 samples), as SignGuard's
+    reference code; noise points (label −1) belong to no cluster."""
+    from sklearn.cluster import DBSCAN, MeanShift, estimate_bandwidth
+
+    if clustering == "dbscan":
+        labels = DBSCAN(eps=0.05, min_samples=2).fit(features).labels_
+    else:
+        bandwidth = estimate_bandwidth(features, quantile=0.5)
+        if bandwidth == 0:  # every feature vector equal: one cluster
+            return torch.ones(len(features), dtype=torch.bool)
+        labels = MeanShift(bandwidth=bandwidth, bin_seeding=True, cluster_all=False).fit(features).labels_
+    labels = torch.as_tensor(labels)
+    if (labels < 0).all():
+        return torch.zeros(len(labels), dtype=torch.bool)
+    return labels == torch.bincount(labels[labels >= 0]).argmax()
+
+
+def signguard(X: torch.Tensor, low: float, high: float, coordinates: torch.Tensor, clustering: str) -> Robust:
+    """SignGuard (Xu et al., ICDCS 2022, "SignGuard: Byzantine-robust federated learning through
+    collaborative malicious gradient filtering", arXiv 2109.05872, Algorithm 1).
+
+    1. Norm filter: keep the updates with L ≤ ||x_i|| / median_j ||x_j|| ≤ R.
+    2. Sign filter: the fractions of positive, zero and negative values over a random subset
+       of the coordinates (``coordinates``, drawn by the plugin), clustered; keep the largest cluster.
+    3. The kept set is the intersection; each kept update is clipped to the median norm and
+       the clipped updates are averaged. A client's share is its clipping factor, normalised.
+    """
+    norms = X.norm(dim=1)
+    middle = norms.double().quantile(0.5).to(X.dtype)  # numpy's median: the mean of the two middle values
+    ratio = norms / middle
+    by_norm = (ratio >= low) & (ratio <= high)
+    by_sign = largest_cluster(sign_features(X[:, coordinates]).cpu().numpy(), clustering).to(X.device)
+    scale = (middle / norms.clamp_min(1e-12)).clamp(max=1.0)
+    return kept_mean(X, by_norm & by_sign, scale)

@@ -10,7 +10,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from .errors import Diverged, ScenarioError, excerpt
-from .interruption import Interrupted
+from .interruption import Interrupted, stop_on_signals
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -49,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.command(args)
     except ScenarioError as exc:
-        for problem in exc.problems:
-            print(f"error: {problem}", file=sys.stderr)
+        # fedsec_bench.runner.Refused (run, validate) reports by stage; any other ScenarioError is its problems
+        report = exc.report() if hasattr(exc, "report") else [f"error: {problem}" for problem in exc.problems]
+        print("\n".join(report), file=sys.stderr)
         return EXIT_BAD_INPUT
     except Interrupted as exc:
         print(f"\n{exc}{_where(exc, args)}", file=sys.stderr)
@@ -181,19 +182,20 @@ def _scenario_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_validate(args) -> int:
-    """Everything ``run`` checks before it records a run: the schema, the plugins, where results go, the
-    data itself and the model (loaded or built and tuned, not pretrained)."""
-    from .plan import load_plan
-    from .runner import as_plan, prepare
+    """Every check ``run`` makes before it records a run (:func:`fedsec_bench.runner.preflight`: the
+    schema, no matrix, the plugins, where results go, the device, the data itself and the model, loaded
+    or built and tuned, not pretrained), every problem at once; then what the run would train."""
+    from .runner import preflight
 
-    plan = as_plan(load_plan(resolve_scenario_path(args.scenario), args.overrides))
-    scenario = plan.scenario
-    data = prepare(plan, pretrained=False)[0].data
+    runtime = preflight(resolve_scenario_path(args.scenario), args.overrides, pretrained=False).runtime
+    scenario, data = runtime.scenario, runtime.data
     sizes = [data.num_examples(c) for c in range(data.num_clients)]
+    trainable = sum(p.numel() for p in runtime.model.parameters() if p.requires_grad)
     print(f"{scenario.name}: ok ({scenario.tuning.mode}, {scenario.federation.rounds} rounds, "
           f"{len(scenario.defenses)} defenses, {len(scenario.attacks)} attacks)")
     print(f"  data: {data.num_clients} clients with {min(sizes)}-{max(sizes)} examples ({sum(sizes)} in all), "
           f"{len(data.heldout)} held out, {len(data.public)} public, {len(data.canaries)} canaries")
+    print(f"  model: {trainable:,} trainable parameters, vocabulary {len(runtime.tokenizer):,}, on {runtime.device.type}")
     for name, value in data.counts.items():
         print(f"  {name}: {value:g}")
     return 0
@@ -203,25 +205,25 @@ def cmd_run(args) -> int:
     from tqdm import tqdm
 
     from . import progress
-    from .plan import load_plan
     from .reporting import summary_table
-    from .runner import run
+    from .runner import preflight, run
 
-    source = resolve_scenario_path(args.scenario)
-    plan = load_plan(source, args.overrides)
-    scenario = plan.scenario
-    bar = tqdm(total=scenario.federation.rounds, desc=scenario.name, unit="round", disable=args.quiet, file=sys.stderr)
+    with progress.shown(not args.quiet):
+        with stop_on_signals():  # pretraining may take a while: a signal ends it as it ends a run
+            prepared = preflight(resolve_scenario_path(args.scenario), args.overrides, args.resume)
+        scenario = prepared.plan.scenario
+        bar = tqdm(total=scenario.federation.rounds, initial=prepared.restart.round if prepared.restart else 0,
+                   desc=scenario.name, unit="round", disable=args.quiet, file=sys.stderr)
 
-    def on_round(rnd: int, metrics: dict[str, float]) -> None:
-        shown = {k.split(".")[-1]: f"{v:.4g}" for k, v in metrics.items() if k in PROGRESS_METRICS}
-        bar.set_postfix(shown, refresh=False)
-        bar.update(1)
+        def on_round(rnd: int, metrics: dict[str, float]) -> None:
+            shown = {k.split(".")[-1]: f"{v:.4g}" for k, v in metrics.items() if k in PROGRESS_METRICS}
+            bar.set_postfix(shown, refresh=False)
+            bar.update(1)
 
-    try:
-        with progress.shown(not args.quiet):
-            result = run(plan, on_round=on_round, resume=args.resume)
-    finally:
-        bar.close()
+        try:
+            result = run(prepared, on_round=on_round)
+        finally:
+            bar.close()
     if not args.quiet:
         print(summary_table(result.final))
         print(f"\nrun folder: {result.run_dir}")
@@ -275,11 +277,9 @@ def cmd_sweep(args) -> int:
         print(f"  {tally} {outcome.status:<8} {outcome.label}" + (f"  ({outcome.error})" if outcome.error else ""),
               file=sys.stderr)
 
-    parent, outcomes, frame = run_sweep(path, args.overrides, args.jobs, on_child, args.executor)
-    if frame is not None:
-        from .comparison_table import aggregate_seeds, readable
-
-        print(readable(aggregate_seeds(frame)).to_string(index=False))
+    parent, outcomes, runs = run_sweep(path, args.overrides, args.jobs, on_child, args.executor)
+    if runs is not None:
+        print_comparison(runs, keep_constant=False)
     failed = [o.label for o in outcomes if o.status == "FAILED"]
     print(f"\n{len(outcomes) - len(failed)} finished, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else ""))
     if parent:
@@ -293,7 +293,7 @@ def cmd_compare(args) -> int:
     from mlflow.tracking import MlflowClient
 
     from .compare import compare_runs, find_run_ids, log_comparison
-    from .comparison_table import aggregate_seeds, readable
+    from .comparison_table import drop_constant
 
     try:
         ids = args.runs or find_run_ids(args.uri, parent=args.parent, experiment=args.experiment)
@@ -301,16 +301,29 @@ def cmd_compare(args) -> int:
         raise ScenarioError(str(exc)) from None
     if not ids:
         raise ScenarioError("no runs found to compare; check --uri, --parent or --experiment")
-    frame = compare_runs(args.uri, ids, keep_constant=args.all)
-    files = log_comparison(frame, args.uri, Path(args.out))
+    runs = compare_runs(args.uri, ids)
+    files = log_comparison(runs, args.uri, Path(args.out), keep_constant=args.all)
     if args.parent:
         client = MlflowClient(tracking_uri=args.uri)
         for path in files:
             client.log_artifact(args.parent, str(path), artifact_path="comparison")
-        client.log_table(args.parent, data=frame, artifact_file="comparison/comparison.json")
-    print(readable(aggregate_seeds(frame)).to_string(index=False))
+        client.log_table(args.parent, data=runs if args.all else drop_constant(runs),
+                         artifact_file="comparison/comparison.json")
+    print_comparison(runs, keep_constant=args.all)
     print(f"\nsaved: {', '.join(str(p) for p in files)}")
     return 0
+
+
+def print_comparison(runs, keep_constant: bool) -> None:
+    """The seed-aggregated table and, for a defense x attack matrix, each defense's worst case."""
+    from .comparison_table import aggregate_seeds, drop_constant, readable
+    from .robustness import verdict
+
+    print(readable(aggregate_seeds(runs if keep_constant else drop_constant(runs))).to_string(index=False))
+    worst = verdict(runs)
+    if worst is not None:
+        print("\nworst case over the attacks, per defense (f: declared; malicious: really attacking):")
+        print(worst.to_string(index=False))
 
 
 def cmd_check(args) -> int:

@@ -28,6 +28,22 @@ class LocalTraining:
     on_step: Callable[[], None] | None = None
     """Called after each optimizer step (pretraining's progress bar)."""
 
+    @classmethod
+    def of_federation(cls, runtime, examples: list, seed: int) -> LocalTraining:
+        """A client's local optimisation as the federation configures it (optimizer, learning rate, steps
+        or epochs, accumulation), on ``examples`` batched with a loader seeded by ``seed``, from the
+        model's current state. The same for every party that trains as a client does (the clients, a
+        shadow federation, FLTrust's server on its root data)."""
+        fed = runtime.scenario.federation
+        return cls(
+            model=runtime.model,
+            optimizer=make_optimizer(list(runtime.trainable.params.values()), fed),
+            loader=runtime.batcher.loader(examples, seed=seed),
+            steps=local_steps(fed, len(examples)),
+            device=runtime.device,
+            accumulation=fed.grad_accumulation,
+        )
+
     def run(self) -> float:
         """Take ``steps`` optimizer steps of ``accumulation`` batches each, cycling over the loader; return
         the mean batch loss.
@@ -87,19 +103,11 @@ def client_round(client: ClientContext, global_state: State, hooks: HookChain) -
     """Train from the global state on the client's data; return what it sends (None if lost) and the
     simulator's report of it."""
     rt = client.runtime
-    fed = rt.scenario.federation
     examples = hooks.client_data(client, rt.data.client_examples(client.client_id))
     torch.manual_seed(client.seed)  # dropout and any other randomness in local training
     rt.trainable.load(global_state)
-    steps = local_steps(fed, len(examples))
-    training = LocalTraining(
-        model=rt.model,
-        optimizer=make_optimizer(list(rt.trainable.params.values()), fed),
-        loader=rt.batcher.loader(examples, seed=client.seed),
-        steps=steps,
-        device=rt.device,
-        accumulation=fed.grad_accumulation,
-    )
+    training = LocalTraining.of_federation(rt, examples, client.seed)
+    steps = training.steps  # the schedule the federation set, before any hook changed it
     train_loss = hooks.local_training(client, training).run()
     update = hooks.client_update(client, rt.trainable.delta_from(global_state))
     message = hooks.transport(client, Message.of_update(client.client_id, len(examples), update, client.side))

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from .comparison_plots import plot_curves_overlaid, plot_defense_attack_heatmap, plot_frontiers
+from .comparison_plots import plot_curves_overlaid, plot_frontiers
 from .comparison_table import PLUGIN_OPTIONS, aggregate_seeds, drop_constant, order_columns, to_latex, to_markdown
+from .robustness import write_verdict
 
 SCENARIO_FIELDS_SHOWN_ELSEWHERE = ("name", "seed", "tuning.mode", "matrix", "defenses", "attacks", "federation.aggregator.name")
 """Params already in a column of their own (``scenario``, ``seed``, ``mode``, ``defenses``/``attacks``: an
@@ -37,7 +38,7 @@ def find_run_ids(uri: str, parent: str | None = None, experiment: str | None = N
     return [r.info.run_id for r in runs]
 
 
-def compare_runs(uri: str, run_ids: list[str], keep_constant: bool = False) -> pd.DataFrame:
+def compare_runs(uri: str, run_ids: list[str]) -> pd.DataFrame:
     """One row per run: its parameters (strings, as logged), the final value of every metric (floats),
     ``run_name`` and ``run_id``; columns in :func:`~fedsec_bench.comparison_table.order_columns`' order.
 
@@ -47,8 +48,8 @@ def compare_runs(uri: str, run_ids: list[str], keep_constant: bool = False) -> p
     whatever the stack's order; a plugin twice in one stack keeps its logged path), the aggregator and
     its options, ``scenario``, ``mode``, ``seed``, ``status``; and any other scenario field (``tracking.*``
     aside) that differs between the runs, such as a sweep's other axes. Columns the same in every run
-    are dropped unless ``keep_constant`` (:func:`~fedsec_bench.comparison_table.drop_constant`); the
-    scenario fields outside the plugins appear only when they vary (each run's ``scenario.yaml`` has all).
+    the scenario fields outside the plugins appear only when they vary (each run's ``scenario.yaml`` has all).
+    Columns the same in every run stay; tables drop them (:func:`~fedsec_bench.comparison_table.drop_constant`).
     """
     from mlflow.tracking import MlflowClient
 
@@ -56,8 +57,7 @@ def compare_runs(uri: str, run_ids: list[str], keep_constant: bool = False) -> p
     runs = [client.get_run(run_id) for run_id in run_ids]
     frame = pd.concat([pd.DataFrame([_parameters(r) for r in runs]), _varying(pd.DataFrame([_other_fields(r) for r in runs])),
                        pd.DataFrame([r.data.metrics for r in runs], dtype=float)], axis=1)
-    frame = order_columns(frame)
-    return frame if keep_constant else drop_constant(frame)
+    return order_columns(frame)
 
 
 def _parameters(run) -> dict[str, str | None]:
@@ -96,17 +96,21 @@ def _varying(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.loc[:, frame.nunique(dropna=False) > 1]
 
 
-def log_comparison(frame: pd.DataFrame, uri: str, folder: Path) -> list[Path]:
-    """Write the tables and plots of ``frame`` (:func:`compare_runs`' per-run table) into ``folder``; return them.
+def log_comparison(runs: pd.DataFrame, uri: str, folder: Path, keep_constant: bool = False) -> list[Path]:
+    """Write the tables and plots of ``runs`` (:func:`compare_runs`' per-run table) into ``folder``; return them.
 
+    The tables leave out the columns the same in every run unless ``keep_constant``.
     ``comparison.csv`` (a row per configuration: ``n`` and ``<figure>.mean``/``<figure>.ci95``),
     ``comparison.md`` and ``comparison.tex`` (the same, ``mean ± ci``), ``comparison_runs.csv`` (a row per
     run), a ``privacy_utility_frontier_<family>.png`` per privacy family present,
-    ``defense_attack_heatmap.png`` when the runs vary both defenses and attacks, ``curves_overlaid.png``.
+    ``curves_overlaid.png``, and when the runs vary both the defense (stack or aggregator) and the attack,
+    the robustness verdict (:func:`fedsec_bench.robustness.write_verdict`: the worst case per defense and
+    a defense x attack heatmap).
     """
     from mlflow.tracking import MlflowClient
 
     folder.mkdir(parents=True, exist_ok=True)
+    frame = runs if keep_constant else drop_constant(runs)
     aggregated = aggregate_seeds(frame)
     tables = {"comparison.csv": lambda p: aggregated.to_csv(p, index=False),
               "comparison.md": lambda p: p.write_text(to_markdown(aggregated)),
@@ -114,6 +118,6 @@ def log_comparison(frame: pd.DataFrame, uri: str, folder: Path) -> list[Path]:
               "comparison_runs.csv": lambda p: frame.to_csv(p, index=False)}
     for name, write in tables.items():
         write(folder / name)
-    plots = [*plot_frontiers(aggregated, folder), plot_defense_attack_heatmap(frame, folder / "defense_attack_heatmap.png"),
-             plot_curves_overlaid(MlflowClient(tracking_uri=uri), frame, folder / "curves_overlaid.png")]
-    return [folder / name for name in tables] + [p for p in plots if p]
+    plots = [*plot_frontiers(aggregated, folder), plot_curves_overlaid(MlflowClient(tracking_uri=uri), frame,
+                                                                         folder / "curves_overlaid.png")]
+    return [folder / name for name in tables] + [p for p in plots if p] + write_verdict(runs, folder)

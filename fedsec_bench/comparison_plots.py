@@ -1,4 +1,5 @@
-"""Plots of a comparison: privacy-utility frontiers, a defense x attack heatmap, overlaid curves."""
+"""Plots of a comparison: privacy-utility frontiers and overlaid curves (the defense x attack heatmaps are
+:mod:`fedsec_bench.robustness`'s)."""
 
 from __future__ import annotations
 
@@ -21,13 +22,10 @@ FRONTIERS = {
 }
 """One frontier per privacy family the runs logged: (its figures, the y axis label)."""
 
-HEADLINE_SECURITY = (("poison.backdoor_asr", "backdoor attack success (lower is better)"),
-                     ("poison.label_flip_asr", "label-flip attack success (lower is better)"),
-                     ("utility.perplexity", "perplexity under attack (lower is better)"))
-"""The heatmap's figure: the first of these the runs logged."""
-
 NAME_COLUMNS = ("scenario", "mode", "defenses", "attacks", "aggregator")
 CURVES = ("utility.eval_loss", "utility.perplexity")
+MAX_LEGEND = 20
+"""Overlaid curves get a legend up to this many runs."""
 
 
 def configuration_label(row: pd.Series, columns: list[str]) -> str:
@@ -36,8 +34,18 @@ def configuration_label(row: pd.Series, columns: list[str]) -> str:
     for column in columns:
         value = row[column]
         if pd.notna(value):
-            parts.append(str(value) if column in NAME_COLUMNS else f"{column.rsplit('.', 1)[-1]}={value}")
+            parts.append(str(value) if column in NAME_COLUMNS else f"{option_name(column)}={value}")
     return " ".join(parts)
+
+
+def option_name(column: str) -> str:
+    """A column's name without the plugin it belongs to (``defenses.norm_clip.max_norm`` -> ``max_norm``,
+    ``federation.aggregator.pre.0.s`` -> ``pre.0.s``); another field's last part."""
+    for prefix in ("federation.aggregator.", "defenses.", "attacks."):
+        if column.startswith(prefix):
+            rest = column.removeprefix(prefix)
+            return rest if prefix.startswith("federation") else rest.partition(".")[2] or rest
+    return column.rsplit(".", 1)[-1]
 
 
 def _labels(frame: pd.DataFrame, columns: list[str]) -> pd.Series:
@@ -74,36 +82,7 @@ def _frontier(aggregated, labels, utility, figures, ylabel, path: Path) -> Path:
     ax.set_title("privacy-utility frontier (mean, 95% CI over seeds)")
     if len(figures) > 1:
         ax.legend(fontsize=7)
-    return _save(fig, path)
-
-
-def plot_defense_attack_heatmap(runs: pd.DataFrame, path: Path) -> Path | None:
-    """Defense stack x attack stack, each cell the headline security figure's mean over the runs in it
-    (seeds and any other axis); drawn only when the runs vary both the defenses and the attacks."""
-    if not {"defenses", "attacks"} <= set(runs) or min(runs["defenses"].nunique(), runs["attacks"].nunique()) < 2:
-        return None
-    headline = next(((m, t) for m, t in HEADLINE_SECURITY if m in runs and runs[m].notna().any()), None)
-    if headline is None:
-        return None
-    metric, title = headline
-    parameters = parameter_columns(runs)
-    grid = runs.assign(
-        defense=_labels(runs, [c for c in parameters if c == "defenses" or c.startswith("defenses.")]),
-        attack=_labels(runs, [c for c in parameters if c == "attacks" or c.startswith("attacks.")]),
-    ).pivot_table(index="defense", columns="attack", values=metric, aggfunc="mean", sort=False)
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(1.6 * grid.shape[1] + 3, 0.6 * grid.shape[0] + 2))
-    image = ax.imshow(grid.to_numpy(dtype=float), cmap="viridis", aspect="auto")
-    ax.set_xticks(range(grid.shape[1]), grid.columns, rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(range(grid.shape[0]), grid.index, fontsize=8)
-    for (i, j), value in np.ndenumerate(grid.to_numpy(dtype=float)):
-        if np.isfinite(value):
-            ax.text(j, i, f"{value:.3g}", ha="center", va="center", color="white", fontsize=8)
-    ax.set_xlabel("attacks")
-    ax.set_ylabel("defenses")
-    ax.set_title(f"{metric}: {title}", fontsize=9)
-    fig.colorbar(image, ax=ax)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_curves_overlaid(client, runs: pd.DataFrame, path: Path) -> Path | None:
@@ -128,11 +107,14 @@ def plot_curves_overlaid(client, runs: pd.DataFrame, path: Path) -> Path | None:
     if not drawn:
         plt.close(fig)
         return None
-    axes[0][0].legend(fontsize=7)
-    return _save(fig, path)
+    if len(runs) <= MAX_LEGEND:
+        axes[0][0].legend(fontsize=7)
+    else:  # a legend of hundreds of runs would hide the curves; the runs table names them
+        fig.suptitle(f"{len(runs)} runs (see comparison_runs.csv)", fontsize=9)
+    return save(fig, path)
 
 
-def _save(fig, path: Path) -> Path:
+def save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     pyplot().close(fig)

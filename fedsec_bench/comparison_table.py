@@ -30,7 +30,7 @@ FAMILIES = (
     ("utility", ("utility.*", "train.*")),
     ("privacy", ("privacy.*", "mia.*", "user_mia.*", "user_audit.*", "inversion.*", "canary.*", "probe.*",
                  "imprint.*", "inconsistency.*", "dp_fedavg.*", "dp_ftrl.*")),
-    ("security", ("poison.*", "robust.*", "*backdoor*", "consistency.*")),
+    ("security", ("poison.*", "safety.*", "robust.*", "free_rider.*", "*backdoor*", "consistency.*")),
     ("cost", ("cost.*", "compression.*", "he.*", "secagg.*", "transport.*", "*seconds*", "*bytes*")),
 )
 """Figure families in display order, each a tuple of name patterns (first family that matches wins);
@@ -80,9 +80,17 @@ def order_columns(frame: pd.DataFrame) -> pd.DataFrame:
 def is_constant(frame: pd.DataFrame, name: str) -> bool:
     """Whether a column tells the runs apart. NaN-aware: a figure some runs lack is not constant (NaN
     counts as a value), one NaN in every run is. A plugin option counts only where the plugin is there:
-    ``noise_multiplier`` 1.0 in every run with ``dp_fedavg`` says nothing the ``defenses`` column does not."""
+    ``noise_multiplier`` 1.0 in every run with ``dp_fedavg`` says nothing the ``defenses`` column does not;
+    but where the plugin is there, an option given in one run and left at its default in another (not
+    logged) tells them apart. The aggregator's options are compared among runs of the same aggregator."""
     column = frame[name]
-    if name.startswith(PLUGIN_OPTIONS):
+    if name.startswith("federation.aggregator.") and "aggregator" in frame:
+        return all(group.nunique(dropna=False) <= 1 for _, group in column.groupby(frame["aggregator"], dropna=False))
+    if name.startswith(("defenses.", "attacks.")):
+        kind, plugin = name.split(".")[:2]
+        present = frame[kind].fillna("").str.split(",").map(lambda names: plugin in names) if kind in frame else None
+        if present is not None and present.any():
+            return column[present].nunique(dropna=False) <= 1
         return column.dropna().nunique() <= 1
     return column.nunique(dropna=False) <= 1
 

@@ -70,11 +70,15 @@ class Federation:
     def round_figures(self, round: RoundContext, truth: RoundTruth, messages: list[Message], started: float) -> dict[str, float]:
         """The core's figures of a round. ``train.loss`` is the mean loss of the clients whose update
         arrived (the ones the model learned from); a round in which none arrived logs
-        ``round.clients`` 0 and no ``train.loss`` (FedAvg's aggregate is then zero: the model stays)."""
+        ``round.clients`` 0 and no ``train.loss`` (FedAvg's aggregate is then zero: the model stays).
+        ``poison.malicious_clients``, in rounds someone attacked, is how many did (the simulator's truth:
+        a figure outside the protocol, never shown to the server)."""
         sent = [m.num_bytes for m in messages]
         delivered = set(round.delivered)
         losses = [r.train_loss for r in truth.reports if r.client_id in delivered]
         figures = {"train.loss": float(np.mean(losses))} if losses else {}
+        if attackers := truth.malicious_clients():
+            figures["poison.malicious_clients"] = float(len(attackers))  # the real count, beside a rule's declared f
         return figures | {
             "round.clients": float(len(messages)),
             "fault.dropped_clients": float(len(round.sampled) - len(round.delivered)),

@@ -3,9 +3,12 @@
 :func:`resolve` looks every entry's plugin up by name, parses its options, asks each plugin's
 own ``check``, and holds the plugins' declared capabilities against each other (see the
 attributes of :class:`~fedsec_bench.plugins.Plugin`), so a third-party defense gets the same
-refusals as a built-in one. Every problem comes back at once, as one :class:`ScenarioError`
-line naming the field path. The runner, the Ray workers (through the instances it makes)
-and ``fedsec check`` all start from the :class:`Plan`; no plugin reads another's raw spec.
+refusals as a built-in one. Every problem comes back at once, one :class:`ScenarioError`
+line each naming the field path: an entry whose options do not parse is reported with the
+other entries' own checks (only the conflicts between entries wait until every entry parses).
+The runner (through :func:`fedsec_bench.runner.preflight`, which ``fedsec validate`` shares), the
+Ray workers (through the instances it makes) and ``fedsec check`` all start from the
+:class:`Plan`; no plugin reads another's raw spec.
 """
 
 from __future__ import annotations
@@ -94,12 +97,17 @@ def resolve(scenario: Scenario) -> Plan:
             planned.append(parse_entry(spec, kind, where))
         except ScenarioError as exc:
             problems += exc.problems
+    parsed = not problems
     planned += core_plugins(scenario)
-    if not problems:
-        problems = [*own_checks(planned, scenario), *conflicts(planned)]
+    problems += own_checks(planned, scenario)  # each plugin that parsed, on its own
+    if parsed:  # conflicts are between every entry: they need all of them parsed
+        problems += conflicts(planned)
+    try:
+        check_model_support(scenario.model)
+    except ScenarioError as exc:
+        problems += exc.problems
     if problems:
         raise ScenarioError(problems)
-    check_model_support(scenario.model)
     return Plan(scenario, tuple(planned))
 
 

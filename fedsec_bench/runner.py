@@ -18,13 +18,13 @@ from .errors import Diverged, ScenarioError
 from .executors import make_executor
 from .federation import Federation
 from .interruption import Interrupted, stop_on_signals
-from .plan import Plan, load_plan, resolve
+from .plan import Plan, resolve
 from .plugins import HookChain
 from .reporting import final_metrics, history_frame
 from .runtime import Runtime, build_runtime, resolve_device
-from .scenario import Scenario
+from .scenario import Scenario, parse_scenario
 from .store import check_output_dir, check_store
-from .tracking import Tracker, run_folder
+from .tracking import Tracker, resolved_values, run_folder
 
 RoundCallback = Callable[[int, dict[str, float]], None]
 
@@ -40,7 +40,7 @@ class Result:
 
 
 def run(
-    scenario: Plan | Scenario | str | Path | dict,
+    scenario: Prepared | Plan | Scenario | str | Path | dict,
     overrides: list[str] | None = None,
     on_round: RoundCallback | None = None,
     parent_run_id: str | None = None,
@@ -48,58 +48,158 @@ def run(
 ) -> Result:
     """Train, attack and defend as the scenario says; log to MLflow; return the figures.
 
-    Every problem the scenario can have (a ScenarioError) is raised before any run is recorded.
+    Every problem the scenario can have is found by :func:`preflight` (all of them at once, a
+    :class:`Refused`) before any run is recorded; a :class:`Prepared` scenario has passed it already.
     ``parent_run_id`` nests the run under a sweep's parent run. ``resume`` continues the run with
     that id (its MLflow run id, or its folder's name when untracked) from its latest checkpoint,
     into the same run. SIGINT or SIGTERM end the run KILLED and raise
     :class:`~fedsec_bench.interruption.Interrupted`; a diverged run ends FAILED with
     :class:`~fedsec_bench.errors.Diverged`.
     """
-    plan = as_plan(scenario, overrides)
-    scenario = plan.scenario
     with stop_on_signals():
-        runtime, restart = prepare(plan, resume)
-        tracker = Tracker(scenario, parent_run_id=parent_run_id, resume_id=resume)
+        prepared = scenario if isinstance(scenario, Prepared) else preflight(scenario, overrides, resume)
+        plan, runtime, scenario = prepared.plan, prepared.runtime, prepared.plan.scenario
+        tracker = Tracker(scenario, parent_run_id=parent_run_id, resume_id=prepared.resume,
+                          resolved=resolved_values(runtime))
         try:
             with tracker:
                 runtime.artifact_dir = tracker.artifact_dir
-                final = train(plan, runtime, tracker, restart, on_round)
+                final = train(plan, runtime, tracker, prepared.restart, on_round)
         except (Interrupted, Diverged) as stop:
             stop.record = tracker  # where the run's record is, for the message that reports the stop
             raise
     return Result(scenario, history_frame(tracker.history), final, tracker.run_id, tracker.run_dir)
 
 
-def as_plan(scenario: Plan | Scenario | str | Path | dict, overrides: list[str] | None = None) -> Plan:
-    if isinstance(scenario, Plan):
-        plan = scenario
-    elif isinstance(scenario, Scenario):
-        plan = resolve(scenario)
-    else:
-        plan = load_plan(scenario, overrides)
-    if plan.scenario.matrix:
+@dataclass
+class Prepared:
+    """A scenario that passed every check of :func:`preflight`, with what its run starts from."""
+
+    plan: Plan
+    runtime: Runtime
+    """The data, the tokenizer and the tuned model (pretrained when :func:`preflight` was asked to)."""
+    restart: Checkpoint | None
+    resume: str | None
+    """The run to continue (``--resume``), whose checkpoint ``restart`` is."""
+
+
+STAGES = {
+    "schema": (),
+    "matrix": ("schema",),
+    "plugins": ("schema",),
+    "outputs": ("schema",),
+    "device": ("schema",),
+    "data": ("schema",),
+    "data checks": ("plugins", "data"),
+    "model": ("device", "data"),
+    "model checks": ("plugins", "model"),
+}
+"""The checks a scenario passes before a run is recorded, in order, each with the stages whose results
+it needs: the model is built on the data (its tokenizer trains on the public split), the plugins'
+``check_data`` and ``check_model`` need the plugins planned. A stage is checked whenever what it needs
+passed, so independent problems (two bad plugin options and a missing data file) come out together."""
+
+
+class Refused(ScenarioError):
+    """Every problem :func:`preflight` found, by stage, and the stages it could not check (whose needs
+    failed). ``problems`` is the flat list in stage order, as for any ScenarioError."""
+
+    def __init__(self, found: dict[str, list[str]], unchecked: dict[str, list[str]], passed: list[str]):
+        self.found, self.unchecked, self.passed = found, unchecked, passed
+        """Problems by stage; for each stage not checked, the failed stages it needs; the stages that passed."""
+        super().__init__([problem for stage in STAGES for problem in found.get(stage, [])])
+
+    def report(self) -> list[str]:
+        """What ``fedsec run`` and ``fedsec validate`` print: each failed stage with its problems, then the
+        stages not checked grouped by why, then those that passed."""
+        lines = []
+        for stage, problems in self.found.items():
+            lines += [f"{stage}:", *(f"  error: {problem}" for problem in problems)]
+        why: dict[tuple[str, ...], list[str]] = {}
+        for stage, roots in self.unchecked.items():
+            why.setdefault(tuple(roots), []).append(stage)
+        for roots, stages in why.items():
+            lines.append(f"not checked: {', '.join(stages)} (each needs {' and '.join(roots)} to pass first)")
+        if self.passed:
+            lines.append(f"ok: {', '.join(self.passed)}")
+        return lines
+
+
+class Checks:
+    """The stages of :data:`STAGES` run one by one, their problems collected: a stage whose needs failed
+    (or were not checked) is skipped and recorded with the failed stages it traces back to."""
+
+    def __init__(self):
+        self.found: dict[str, list[str]] = {}
+        self.unchecked: dict[str, list[str]] = {}
+        self.passed: list[str] = []
+
+    def stage(self, name: str, check: Callable[[], object]) -> object:
+        """``check()``'s result, or None when it raised a ScenarioError or its needs failed (the later
+        stages tell which by the stage's name, not by its result)."""
+        roots = [r for need in STAGES[name] for r in ([need] if need in self.found else self.unchecked.get(need, []))]
+        if roots:
+            self.unchecked[name] = list(dict.fromkeys(roots))
+            return None
+        try:
+            result = check()
+        except ScenarioError as exc:
+            self.found[name] = exc.problems
+            return None
+        self.passed.append(name)
+        return result
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.found)
+
+
+def preflight(
+    source: Plan | Scenario | str | Path | dict, overrides: list[str] | None = None, resume: str | None = None,
+    pretrained: bool = True,
+) -> Prepared:
+    """Every check a run makes before it is recorded, as ``fedsec validate`` shows them: the schema, no
+    matrix (that is ``fedsec sweep``'s), the plugins and their compatibility (:func:`~fedsec_bench.plan.resolve`),
+    where results go and the checkpoint to resume from, the device, the data (its files read) with the
+    plugins' ``check_data``, the model (loaded or built, tuned, and pretrained unless ``pretrained`` is
+    False) with their ``check_model``. Raises :class:`Refused` with every problem found; a model is not
+    pretrained for a scenario already refused."""
+    checks = Checks()
+    scenario = checks.stage("schema", lambda: as_scenario(source, overrides))
+    checks.stage("matrix", lambda: refuse_matrix(scenario))
+    plan = checks.stage("plugins", lambda: source if isinstance(source, Plan) else resolve(scenario))
+    restart = checks.stage("outputs", lambda: check_outputs(scenario, resume))
+    device = checks.stage("device", lambda: resolve_device(scenario.device))
+    data = checks.stage("data", lambda: build_federated_data(scenario))
+    checks.stage("data checks", lambda: plan.check_data(data))
+    runtime = checks.stage("model", lambda: build_runtime(scenario, data, device,
+                                                          pretrained=pretrained and not checks.failed))
+    checks.stage("model checks", lambda: plan.check_model(runtime.model))
+    if checks.failed:
+        raise Refused(checks.found, checks.unchecked, checks.passed)
+    return Prepared(plan, runtime, restart, resume)
+
+
+def as_scenario(source: Plan | Scenario | str | Path | dict, overrides: list[str] | None) -> Scenario:
+    if isinstance(source, Plan):
+        return source.scenario
+    return source if isinstance(source, Scenario) else parse_scenario(source, overrides)
+
+
+def refuse_matrix(scenario: Scenario) -> None:
+    if scenario.matrix:
         raise ScenarioError(
-            f"matrix: {plan.scenario.name} is a sweep of {_combinations(plan.scenario)} combinations; "
+            f"matrix: {scenario.name} is a sweep of {_combinations(scenario)} combinations; "
             "run it with `fedsec sweep`, or drop the matrix section"
         )
-    return plan
 
 
-def prepare(plan: Plan, resume: str | None = None, pretrained: bool = True) -> tuple[Runtime, Checkpoint | None]:
-    """Everything that can fail on the scenario's account, before a run is recorded: where results go,
-    the data and the plugins' checks on it, the model (loaded or built, tuned, and pretrained unless
-    ``pretrained`` is False) and the checkpoint to resume from."""
-    scenario = plan.scenario
-    device = resolve_device(scenario.device)
+def check_outputs(scenario: Scenario, resume: str | None) -> Checkpoint | None:
+    """Where results go (the run folder, the MLflow store), and the checkpoint to resume from."""
     check_output_dir(scenario.tracking.output_dir)
     if scenario.tracking.enabled:
         check_store(scenario.tracking.uri)
-    restart = resumable(scenario, resume) if resume else None
-    data = build_federated_data(scenario)
-    plan.check_data(data)
-    runtime = build_runtime(scenario, data, device, pretrained=pretrained)
-    plan.check_model(runtime.model)
-    return runtime, restart
+    return resumable(scenario, resume) if resume else None
 
 
 def resumable(scenario: Scenario, run_id: str) -> Checkpoint:

@@ -103,11 +103,13 @@ def _plugin_label(spec: dict, with_options: bool) -> str:
 
 
 def run_sweep(path: str | Path, overrides: list[str] | None, jobs: int | None, on_child=None, executor: str = "processes"):
-    """Run every child under a parent MLflow run; returns (parent run id, outcomes, comparison frame).
+    """Run every child under a parent MLflow run; returns (parent run id, outcomes, the children's per-run
+    frame of :func:`~fedsec_bench.compare.compare_runs`, None without tracking).
 
     ``jobs``: children at once (processes: default 1; ray: default all, as the cluster's CPUs allow).
     """
     from .compare import compare_runs, log_comparison
+    from .comparison_table import drop_constant
     from .tracking import Tracker
 
     base, children = expand(read_yaml(path), overrides)
@@ -123,12 +125,12 @@ def run_sweep(path: str | Path, overrides: list[str] | None, jobs: int | None, o
         parent.log_metrics({"sweep.children": len(outcomes),
                             "sweep.failed": sum(o.status == "FAILED" for o in outcomes)}, step=0)
         ids = [o.run_id for o in outcomes if o.run_id]
-        frame = compare_runs(base.tracking.uri, run_ids=ids) if base.tracking.enabled and ids else None
-        if frame is not None:
-            log_comparison(frame, base.tracking.uri, parent.artifact_dir)
-            parent.log_table(frame, "comparison.json")
+        runs = compare_runs(base.tracking.uri, run_ids=ids) if base.tracking.enabled and ids else None
+        if runs is not None:
+            log_comparison(runs, base.tracking.uri, parent.artifact_dir)
+            parent.log_table(drop_constant(runs), "comparison.json")
         parent.write_summary({"scenario": base.name, "children": [o.__dict__ for o in outcomes]})
-    return parent.run_id, outcomes, frame
+    return parent.run_id, outcomes, runs
 
 
 def _in_processes(base: Scenario, children: list[Child], parent_run_id: str | None, jobs: int | None):

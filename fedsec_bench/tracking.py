@@ -16,6 +16,7 @@ import traceback
 import uuid
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 from . import checkpoint, liveness, store
 from .interruption import Interrupted, uninterruptible
@@ -36,8 +37,10 @@ class Tracker:
     """
 
     def __init__(self, scenario: Scenario, parent_run_id: str | None = None, kind: str = "run",
-                 resume_id: str | None = None):
+                 resume_id: str | None = None, resolved: dict[str, Any] | None = None):
         self.scenario = scenario
+        self.resolved = resolved or {}
+        """What the run resolved that the scenario leaves open (:func:`resolved_values`), logged in its params."""
         self.config = scenario.tracking
         self.parent_run_id = parent_run_id
         self.kind = kind
@@ -105,7 +108,7 @@ class Tracker:
         run = self.client.create_run(experiment_id, run_name=self.config.run_name or self.scenario.name, tags=tags)
         self.run_id = run.info.run_id
         try:
-            self._log_params(flatten(self.scenario.model_dump(mode="json")))
+            self._log_params(run_params(self.scenario, self.resolved))
         except BaseException:
             self.client.set_terminated(self.run_id, "FAILED")
             raise
@@ -195,6 +198,88 @@ def run_status(exc: BaseException | None) -> str:
 
 def _one_line(exc: BaseException | None) -> str | None:
     return None if exc is None else f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+
+
+def run_params(scenario: Scenario, resolved: dict[str, Any] | None = None) -> dict[str, str]:
+    """The MLflow params: the scenario's fields as this run used them, named like ``--set`` paths.
+
+    Defaults the scenario leaves open are logged as resolved (``data.canaries.count``,
+    ``data.public_examples``, ``eval.max_examples`` and ``eval.generation_examples``), and so is what only
+    the run itself knows, ``resolved`` (:func:`resolved_values`: the device used, the vocabulary built);
+    unset optional fields (null) and the fields :func:`not_applicable` names are left out, so a run's
+    params read as what it did. Its ``scenario.yaml`` artifact keeps the scenario as written."""
+    loss, answered = scenario.eval_examples()
+    params = flatten(scenario.model_dump(mode="json", exclude_none=True)) | flatten({
+        "data.canaries.count": scenario.data.canary_count, "data.public_examples": scenario.public_examples,
+        "eval.max_examples": "all" if loss is None else loss, "eval.generation_examples": answered,
+        **(resolved or {}),
+    })
+    omitted = tuple(not_applicable(scenario))
+    return {key: value for key, value in params.items() if not any(key == o or key.startswith(f"{o}.") for o in omitted)}
+
+
+ARCH_FIELDS = ("arch", "layers", "hidden", "heads", "kv_heads", "intermediate", "vocab", "max_positions", "dropout")
+"""model fields that shape a model built from a config (model.arch)."""
+CHECKPOINT_FIELDS = ("name_or_path", "trust_remote_code", "quantization")
+"""model fields of a checkpoint loaded with from_pretrained (model.name_or_path)."""
+FORMAT_FIELDS = {
+    "text": ("text_field", "long_texts"),
+    "instruction": ("instruction_field", "input_field", "output_field", "train_on_prompt"),
+    "chat": ("messages_field", "train_on_prompt"),
+}
+"""data fields read by each data.format."""
+
+
+def not_applicable(scenario: Scenario) -> list[str]:
+    """The fields (or whole sections) this run does not read, as params paths: left out of its MLflow params.
+
+    - model: the arch fields when a checkpoint is loaded, the checkpoint fields (quantization among
+      them) when a model is built; kv_heads and intermediate unless llama; model.pretrain's lr and
+      batch_size without pretraining steps.
+    - tuning: tuning.lora unless mode lora, tuning.prompt unless mode prompt.
+    - data: data.path with the synthetic corpus, its shape (examples_per_client, topics, difficulty)
+      with files or datasets, data_files and split unless datasets; the fields of the other formats;
+      label_field unless partition dirichlet, partition.alpha unless dirichlet or quantity_skew,
+      partition.select unless natural; the canaries' options when none are planted.
+    - eval: generation's fields without prompt/response data.
+    - federation: momentum unless sgd, local_steps when local_epochs overrides it, ray unless executor ray.
+    - tracking.description: it is the run's description (its note), already.
+    """
+    model, data, fed, mode = scenario.model, scenario.data, scenario.federation, scenario.tuning.mode
+    method = data.partition.method
+    out = [f"model.{f}" for f in (ARCH_FIELDS if model.name_or_path else CHECKPOINT_FIELDS)]
+    out += [] if model.arch == "llama" else ["model.kv_heads", "model.intermediate"]
+    out += [] if model.pretrain.steps else ["model.pretrain.lr", "model.pretrain.batch_size"]
+    out += [f"tuning.{m}" for m in ("lora", "prompt") if m != mode]
+    out += ["data.path"] if data.source == "synthetic" else ["data.examples_per_client", "data.topics", "data.difficulty"]
+    out += [] if data.source == "datasets" else ["data.data_files", "data.split"]
+    out += [f"data.{f}" for fmt, fields in FORMAT_FIELDS.items() if fmt != data.format for f in fields
+            if f not in FORMAT_FIELDS[data.format]]
+    out += [] if method == "dirichlet" else ["data.label_field"]
+    out += [] if method in ("dirichlet", "quantity_skew") else ["data.partition.alpha"]
+    out += [] if method == "natural" else ["data.partition.select"]
+    out += [] if data.canary_count else ["data.canaries.repetitions", "data.canaries.kinds", "data.canaries.clients"]
+    out += [] if data.is_prompted else ["eval.generation_examples", "eval.max_new_tokens"]
+    out += [] if fed.optimizer == "sgd" else ["federation.momentum"]
+    out += [] if fed.local_epochs is None else ["federation.local_steps"]
+    out += [] if fed.executor == "ray" else ["federation.ray"]
+    return out + ["tracking.description"]
+
+
+def resolved_values(runtime) -> dict[str, Any]:
+    """What a run resolved that its scenario leaves open, by params path: the device actually used
+    (``device``: cpu or cuda, where the scenario may say auto), the vocabulary actually built
+    (``model.tokenizer.vocab_size``: the tokenizer's real size, which a BPE trained on a small public
+    split may leave below its target; ``model.vocab``: the built model's embedding rows), and the layers
+    LoRA adapts (``tuning.lora.target_modules``: PEFT's default for the architecture when unset)."""
+    values: dict[str, Any] = {
+        "device": runtime.device.type, "model.tokenizer.vocab_size": len(runtime.tokenizer),
+        "model.vocab": runtime.model.get_input_embeddings().num_embeddings,
+    }
+    peft = getattr(runtime.model, "peft_config", {}).get("default")
+    if runtime.scenario.tuning.mode == "lora" and peft is not None:
+        values["tuning.lora.target_modules"] = sorted(peft.target_modules)
+    return values
 
 
 def flatten(tree, prefix: str = "") -> dict[str, str]:

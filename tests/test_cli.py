@@ -64,7 +64,11 @@ def test_bad_field_exits_2_with_the_field_and_no_traceback(fedsec, tiny, tmp_pat
     tiny["federation"]["rounds"] = 0
     out = fedsec("run", str(write(tmp_path, tiny)), cwd=tmp_path)
     assert out.returncode == 2
-    assert out.stderr.strip() == "error: federation.rounds: must be ≥ 1"
+    assert out.stderr.strip().splitlines() == [  # the stage, its problem, and what could not be checked without it
+        "schema:", "  error: federation.rounds: must be ≥ 1",
+        "not checked: matrix, plugins, outputs, device, data, data checks, model, model checks (each needs schema "
+        "to pass first)",
+    ]
     assert not (tmp_path / "runs").exists()
 
 

@@ -40,7 +40,7 @@ def test_a_scenario_using_an_unavailable_plugin_is_refused_with_exit_2(tiny, reg
 
     path.write_text(yaml.safe_dump(tiny))
     assert main(["validate", str(path)]) == 2
-    assert capsys.readouterr().err.strip() == f"error: attacks[0].name: {MISSING}"
+    assert f"  error: attacks[0].name: {MISSING}" in capsys.readouterr().err.splitlines()
 
 
 def test_unrelated_scenarios_still_run_beside_an_unavailable_plugin(tiny, register):

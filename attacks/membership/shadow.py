@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from fedsec_bench import progress
-from fedsec_bench.client import LocalTraining, local_steps, make_optimizer
+from fedsec_bench.client import LocalTraining
 from fedsec_bench.data import Example
 from fedsec_bench.messages import State
 
@@ -49,7 +49,6 @@ def train_like_target(runtime, start: State, examples: list[Example], seed: int)
     fed = runtime.scenario.federation
     rng = np.random.default_rng(seed)
     parts = [p for p in np.array_split(rng.permutation(len(examples)), fed.num_clients) if p.size]
-    params = runtime.trainable.params
     with using_state(runtime, start), torch.random.fork_rng():
         torch.manual_seed(seed)
         for _ in range(fed.rounds):
@@ -60,14 +59,7 @@ def train_like_target(runtime, start: State, examples: list[Example], seed: int)
             for c in chosen:
                 local = [examples[i] for i in parts[c]]
                 runtime.trainable.load(global_state)
-                LocalTraining(
-                    model=runtime.model,
-                    optimizer=make_optimizer(list(params.values()), fed),
-                    loader=runtime.batcher.loader(local, seed=int(rng.integers(2**31))),
-                    steps=local_steps(fed, len(local)),
-                    device=runtime.device,
-                    accumulation=fed.grad_accumulation,
-                ).run()
+                LocalTraining.of_federation(runtime, local, seed=int(rng.integers(2**31))).run()
                 for n, delta in runtime.trainable.delta_from(global_state).items():
                     total[n] += delta * (parts[c].size / round_examples)
             runtime.trainable.step(global_state, total, scale=fed.server_lr)
