@@ -396,7 +396,7 @@ def refusal(expect, sets, text, edit, command, folders: dict[str, str], tmp_path
     took = time.perf_counter() - started
     out, err = out.getvalue(), err.getvalue()
     expect = fill(expect, {**folders, "scenario": str(path)})
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]  # libraries' progress bars aside
+    lines = [line.strip() for line in err.splitlines() if line.strip().startswith("error: ")]  # libraries' progress bars aside; run and validate indent them under their stage
     runs = tmp_path / "runs"
     problems = [
         code != 2 and f"exit {code}",

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TINY
+
 from fedsec_bench.data import build_federated_data
 from fedsec_bench.executors import LocalExecutor
 from fedsec_bench.federation import Federation
@@ -25,6 +27,7 @@ BY_USER = {  # the bundled per-user file, split one client per user, with fresh 
     "format": "instruction", "partition": {"method": "natural", "by": "user", "min_examples": 4},
     "heldout_by_user": True, "heldout_examples": 64, "public_examples": 32, "user_samples": 2,
 }
+TINY_DATA = TINY["data"]
 ENTRIES = {
     # plugin: (where the scenario lists it, its options, other scenario fields)
     "fedavg": ("federation", {}, {}),
@@ -64,6 +67,21 @@ ENTRIES = {
     "quantization": ("defenses", {"bits": 8}, {}),
     "user_inference": ("attacks", {"threat": "server", "samples_per_user": [1, 2]}, {"data": BY_USER}),
     "user_audit": ("attacks", {"count": 2}, {}),
+    "min_max": ("attacks", ATTACKER, {}),
+    "min_sum": ("attacks", ATTACKER, {}),
+    "fang": ("attacks", ATTACKER, {}),
+    "mimic": ("attacks", {**ATTACKER, "warmup": 2}, {}),
+    "free_rider": ("attacks", {**ATTACKER, "mode": "stale"}, {}),
+    "neurotoxin": ("attacks", ATTACKER, {}),
+    "dba": ("attacks", {"clients": [0, 1]}, {}),
+    "safety_poisoning": ("attacks", ATTACKER, {"data": {**TINY_DATA, "format": "instruction", "seq_len": 64,
+                                                         "canaries": {"count": 0}}}),
+    "flame": ("federation", {}, {}),
+    "foolsgold": ("federation", {}, {}),
+    "fltrust": ("federation", {}, {}),
+    "robust_lr": ("federation", {"threshold": 2}, {}),
+    "dnc": ("federation", {"f": 1}, {}),
+    "signguard": ("federation", {}, {}),
 }
 CROSS_ROUND = {
     # state that must have moved in two rounds, as the checkpoint holds it
@@ -82,6 +100,11 @@ CROSS_ROUND = {
     "local_dp": lambda s: sum(ledger.steps for ledger in s["ledgers"].values()) == 6,  # 3 clients × 2 rounds
     "user_inference": lambda s: len(s["participants"]) >= 3 and len(s["observations"]) >= 1,
     "user_audit": lambda s: sum(s["participations"].values()) >= 1 and "initial" in s,
+    "mimic": lambda s: s["tracked"] >= 1 and s["target"] is not None,  # the warm-up's power iteration and its pick
+    "free_rider": lambda s: len(s["received"]) >= 1,
+    "neurotoxin": lambda s: s["previous"] is not None,
+    "foolsgold": lambda s: len(s["history"]) >= 3,  # every client seen so far, summed over rounds
+    "flame": lambda s: s["noise_std"] > 0,
 }
 
 
